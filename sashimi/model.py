@@ -1,0 +1,381 @@
+"""SaShiMi (Goel, Gu, Donahue & Ré 2022): a multi-scale U-Net of S4 layers over quantised raw audio.
+
+Tier i runs at 1/prod(pool[:i]) of the sample rate with width d_model * expand**i:
+
+    tokens -> embedding ─┬─> DownPool ─┬─> DownPool ─> centre: x + S4/FF stack ─┐
+                         │ (skip)      │ (skip)                                 │
+    logits <- head <─ x + stack(x) <─ UpPool + skip <─ x + stack(x) <─ UpPool + skip
+
+Pooling folds p consecutive steps into channels; UpPool shifts its output one pooled step later, so the
+samples of group g only see the inner tier's output for groups < g and nothing leaks from the future.
+The same network runs in convolution mode (`forward`, `prime`) and recurrently (`initial_state`,
+`step`): the outer tier steps every sample, tier i only every prod(pool[:i]) samples.
+"""
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .audio import MU_LAW_CLASSES, QUANTIZATIONS, silence_token
+from .s4 import S4, DISCRETIZATIONS, DiagonalStep, DPLRStep
+
+IGNORE_INDEX = -100  # target value of padding: scored by nothing (F.cross_entropy's ignore_index)
+KERNELS = ("diagonal", "dplr")
+INITS = ("legs", "lin")
+
+
+@dataclass(frozen=True)
+class SaShiMiConfig:
+    """Everything needed to rebuild a model; saved as config.json next to its weights."""
+
+    n_classes: int = MU_LAW_CLASSES  # quantisation levels of input and output (8-bit)
+    quantization: str = "mu-law"  # "mu-law" or "linear": how samples map to classes
+    sample_rate: int = 16_000  # Hz the model was trained at; generation writes at this rate
+    d_model: int = 64  # H of the outer tier; tier i has H * expand**i
+    n_layers: int = 8  # residual [S4, feed-forward] pairs per tier
+    pool: tuple[int, ...] = (4, 4)  # pooling factor of each tier, outermost first
+    expand: int = 2  # width multiplier from one tier to the next
+    ff: int = 2  # hidden width of the feed-forward blocks, as a multiple of H
+    d_state: int = 64  # N, the SSM state size (N/2 complex modes stored)
+    kernel: str = "diagonal"  # "diagonal" (S4D, Vandermonde) or "dplr" (S4, Cauchy + Woodbury)
+    init: str = "legs"  # diagonal A: "legs" (S4D-LegS) or "lin" (S4D-Lin); dplr is always LegS
+    disc: str = "zoh"  # "zoh" or "bilinear"; dplr needs "bilinear"
+    dt_min: float = 1e-3  # dt is initialised log-uniform in [dt_min, dt_max]
+    dt_max: float = 1e-1
+    dropout: float = 0.0
+
+    def __post_init__(self):
+        object.__setattr__(self, "pool", tuple(self.pool))
+        choices = {"quantization": QUANTIZATIONS, "kernel": KERNELS, "init": INITS,
+                   "disc": tuple(DISCRETIZATIONS)}
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
+        if self.kernel == "dplr" and self.disc != "bilinear":
+            raise ValueError('kernel="dplr" needs disc="bilinear" (its kernel is the bilinear transform)')
+        positive = ("n_classes", "sample_rate", "d_model", "n_layers", "expand", "ff", "d_state")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.d_state % 2:
+            raise ValueError(f"d_state must be even (conjugate pairs), got {self.d_state}")
+        if any(p < 1 for p in self.pool):
+            raise ValueError(f"pool factors must be at least 1, got {self.pool}")
+        if not 0 < self.dt_min <= self.dt_max:
+            raise ValueError(f"need 0 < dt_min <= dt_max, got {self.dt_min}, {self.dt_max}")
+        if not 0 <= self.dropout < 1:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+
+    @property
+    def total_pool(self) -> int:
+        """Training lengths must be multiples of this: every tier sees whole pooled steps."""
+        return math.prod(self.pool)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "SaShiMiConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown config keys {unknown}; known keys: {sorted(known)}")
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
+
+    @classmethod
+    def preset(cls, name: str) -> "SaShiMiConfig":
+        if name not in PRESETS:
+            raise ValueError(f"unknown preset {name!r}; known presets: {sorted(PRESETS)}")
+        return cls(**PRESETS[name])
+
+
+PRESETS = {
+    # The SaShiMi paper's SC09 model: 3 tiers of width 64/128/256, 8 layers each (~4.7 M parameters).
+    "sc09": {},
+    # For tests and quick CPU experiments: 100 k parameters, mostly the embedding and head.
+    "tiny": {"d_model": 16, "n_layers": 2, "d_state": 16, "sample_rate": 8000},
+}
+
+
+# --- teacher forcing and the metric ------------------------------------------------------------
+
+
+def shift_inputs(targets: Tensor, start_token: int) -> Tensor:
+    """Model inputs for next-sample prediction: the start token, then targets[:, :-1].
+
+    Ignored (padding) targets become the start token, which is the quantised silence.
+    """
+    targets = targets.masked_fill(targets == IGNORE_INDEX, start_token)
+    start = torch.full_like(targets[:, :1], start_token)
+    return torch.cat([start, targets[:, :-1]], dim=1)
+
+
+def nll_bits(logits: Tensor, targets: Tensor, reduction: str = "mean") -> Tensor:
+    """Negative log-likelihood in bits per sample (the SaShiMi paper's metric), skipping IGNORE_INDEX.
+
+    logits (B, L, n_classes), targets (B, L). "mean" -> scalar over scored samples; "none" -> (B, L).
+    """
+    nats = F.cross_entropy(logits.transpose(1, 2), targets, ignore_index=IGNORE_INDEX, reduction=reduction)
+    return nats / math.log(2)
+
+
+# --- building blocks -----------------------------------------------------------------------------
+
+
+class FeedForward(nn.Module):
+    """Pointwise MLP: H -> ff H -> H with GELU."""
+
+    def __init__(self, H: int, ff: int, dropout: float):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(H, ff * H), nn.GELU(), nn.Dropout(dropout), nn.Linear(ff * H, H))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(x)
+
+
+class Residual(nn.Module):
+    """Pre-norm residual block: x + dropout(layer(LayerNorm(x)))."""
+
+    def __init__(self, H: int, layer: nn.Module, dropout: float):
+        super().__init__()
+        self.norm = nn.LayerNorm(H)
+        self.layer = layer
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x + self.dropout(self.layer(self.norm(x)))
+
+
+@dataclass(frozen=True)
+class StackState:
+    """Recurrent state of one Stack: each S4 layer's x and its discrete parameters (fixed for a run)."""
+
+    x: tuple[Tensor, ...]  # per S4 layer: (batch, H, N/2) complex
+    params: tuple[DiagonalStep | DPLRStep, ...]
+
+
+class Stack(nn.Module):
+    """n_layers x [Residual(S4), Residual(FeedForward)] at width H: (batch, L, H) -> (batch, L, H)."""
+
+    def __init__(self, H: int, cfg: SaShiMiConfig):
+        super().__init__()
+        s4 = dict(N=cfg.d_state, kernel=cfg.kernel, init=cfg.init, disc=cfg.disc,
+                  dt_min=cfg.dt_min, dt_max=cfg.dt_max, dropout=cfg.dropout)
+        self.s4_blocks = nn.ModuleList(Residual(H, S4(H, **s4), cfg.dropout) for _ in range(cfg.n_layers))
+        self.ff_blocks = nn.ModuleList(
+            Residual(H, FeedForward(H, cfg.ff, cfg.dropout), cfg.dropout) for _ in range(cfg.n_layers)
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        for s4_block, ff_block in zip(self.s4_blocks, self.ff_blocks):
+            x = ff_block(s4_block(x))
+        return x
+
+    def forward_with_state(self, x: Tensor) -> tuple[Tensor, StackState]:
+        """forward, plus the state that stepping through x would leave (for priming generation)."""
+        states = []
+        for s4_block, ff_block in zip(self.s4_blocks, self.ff_blocks):
+            states.append(s4_block.layer.final_state(s4_block.norm(x)))
+            x = ff_block(s4_block(x))
+        return x, StackState(tuple(states), self._step_parameters())
+
+    def _step_parameters(self) -> tuple[DiagonalStep | DPLRStep, ...]:
+        return tuple(block.layer.step_parameters() for block in self.s4_blocks)
+
+    def initial_state(self, batch: int) -> StackState:
+        return StackState(tuple(b.layer.initial_state(batch) for b in self.s4_blocks), self._step_parameters())
+
+    def step(self, x: Tensor, state: StackState) -> tuple[Tensor, StackState]:
+        """One step: x (batch, H) -> (batch, H)."""
+        new_x = []
+        for s4_block, ff_block, ssm_x, params in zip(self.s4_blocks, self.ff_blocks, state.x, state.params):
+            y, ssm_x = s4_block.layer.step(s4_block.norm(x), ssm_x, params)
+            x = ff_block(x + s4_block.dropout(y))
+            new_x.append(ssm_x)
+        return x, StackState(tuple(new_x), state.params)
+
+
+class DownPool(nn.Module):
+    """Fold p consecutive steps into channels, then a pointwise linear p H -> expand H.
+
+    Pooled step g reads steps [g p, g p + p): causal, since the tier above only uses it after them.
+    """
+
+    def __init__(self, H: int, p: int, expand: int):
+        super().__init__()
+        self.p = p
+        self.linear = nn.Linear(p * H, expand * H)
+
+    def forward(self, x: Tensor) -> Tensor:
+        batch, L, H = x.shape
+        return self.linear(x.reshape(batch, L // self.p, self.p * H))  # (batch, L/p, expand H)
+
+
+class UpPool(nn.Module):
+    """Pointwise linear expand H -> p H, unfolded to p steps, shifted one pooled step later.
+
+    The shift (a zero group first, the last group dropped) makes samples of group g depend only on
+    inner steps < g, that is on outer samples < g p.
+    """
+
+    def __init__(self, H: int, p: int, expand: int):
+        super().__init__()
+        self.p = p
+        self.linear = nn.Linear(expand * H, p * H)
+
+    def project(self, x: Tensor) -> Tensor:
+        """Inner steps (batch, ..., expand H) -> the p outer steps they feed (batch, ..., p, H)."""
+        return self.linear(x).unflatten(-1, (self.p, -1))
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = self.project(x)  # (batch, L/p, p, H)
+        y = F.pad(y[:, :-1], (0, 0, 0, 0, 1, 0))  # shift by one pooled step
+        return y.flatten(1, 2)  # (batch, L, H)
+
+
+@dataclass(frozen=True)
+class TierState:
+    """Recurrent state of one pooled tier (all but the centre).
+
+    The tier has read `position` steps. Its current group's inputs wait in `pending` until p of them
+    are there; then they are pooled and the inner tier steps once, and its projection becomes
+    `upsampled`, the p outputs the next group reads (zeros for the first group: the UpPool shift).
+    """
+
+    position: int
+    pending: tuple[Tensor, ...]  # up to p-1 inputs (batch, H) of the current group
+    upsampled: Tensor  # (batch, p, H)
+    stack: StackState
+
+
+@dataclass(frozen=True)
+class SaShiMiState:
+    """Everything `SaShiMi.step` needs: one TierState per pooling factor, outermost first, and the centre."""
+
+    tiers: tuple[TierState, ...]
+    center: StackState
+
+
+# --- the network ---------------------------------------------------------------------------------
+
+
+class SaShiMi(nn.Module):
+    def __init__(self, config: SaShiMiConfig):
+        super().__init__()
+        self.config = cfg = config
+        widths = [cfg.d_model * cfg.expand**i for i in range(len(cfg.pool) + 1)]  # H of each tier
+        self.embedding = nn.Embedding(cfg.n_classes, widths[0])
+        self.down_pools = nn.ModuleList(DownPool(H, p, cfg.expand) for H, p in zip(widths, cfg.pool))
+        self.center = Stack(widths[-1], cfg)
+        self.up_pools = nn.ModuleList(UpPool(H, p, cfg.expand) for H, p in zip(widths, cfg.pool))
+        self.up_stacks = nn.ModuleList(Stack(H, cfg) for H in widths[:-1])
+        self.norm = nn.LayerNorm(widths[0])
+        self.head = nn.Linear(widths[0], cfg.n_classes)
+
+    @property
+    def start_token(self) -> int:
+        """First input of every sequence: the class of a zero sample."""
+        return silence_token(self.config.quantization, self.config.n_classes)
+
+    def ssm_parameters(self) -> list[nn.Parameter]:
+        """dt, A, B (and P): trained with a smaller learning rate and no weight decay, as in S4."""
+        return [p for module in self.modules() if isinstance(module, S4) for p in module.ssm_parameters()]
+
+    def _check_length(self, L: int) -> None:
+        q = self.config.total_pool
+        if L % q:
+            raise ValueError(
+                f"length {L} is not a multiple of the total pooling {q} (pool={self.config.pool}); "
+                f"crop or pad to {L // q * q} or {(L // q + 1) * q}"
+            )
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        """tokens (batch, L) -> logits (batch, L, n_classes); logits[:, t] predicts sample t+1."""
+        self._check_length(tokens.shape[1])
+        return self._unet(tokens, with_state=False)[0]
+
+    def _unet(self, tokens: Tensor, with_state: bool) -> tuple[Tensor, SaShiMiState | None]:
+        """The convolution-mode pass. with_state: also return the recurrent state after the last
+        token (L is a multiple of the total pooling, so every tier ends on a group boundary)."""
+
+        def run(stack: Stack, x: Tensor) -> tuple[Tensor, StackState | None]:
+            return stack.forward_with_state(x) if with_state else (stack(x), None)
+
+        x = self.embedding(tokens)
+        skips = []
+        for down in self.down_pools:
+            skips.append(x)
+            x = down(x)
+        y, center = run(self.center, x)
+        x = x + y
+        tiers = []
+        for up, stack, skip in zip(self.up_pools[::-1], self.up_stacks[::-1], skips[::-1]):
+            upsampled = up.project(x[:, -1])  # what the group after the last one reads
+            x = up(x) + skip
+            y, stack_state = run(stack, x)
+            x = x + y
+            tiers.insert(0, TierState(x.shape[1], (), upsampled, stack_state))
+        state = SaShiMiState(tuple(tiers), center) if with_state else None
+        return self.head(self.norm(x)), state
+
+    # --- recurrent mode --------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def initial_state(self, batch: int) -> SaShiMiState:
+        """The state before the first sample, with each S4 layer's discrete parameters precomputed."""
+        tiers = []
+        for up, stack in zip(self.up_pools, self.up_stacks):
+            H = up.linear.out_features // up.p
+            zeros = torch.zeros(batch, up.p, H, device=self.head.weight.device, dtype=self.head.weight.dtype)
+            tiers.append(TierState(0, (), zeros, stack.initial_state(batch)))
+        return SaShiMiState(tuple(tiers), self.center.initial_state(batch))
+
+    def step(self, token: Tensor, state: SaShiMiState) -> tuple[Tensor, SaShiMiState]:
+        """One sample: token (batch,) -> logits (batch, n_classes) for the next sample, new state."""
+        x, tiers, center = self._step_tier(0, self.embedding(token), state.tiers, state.center)
+        return self.head(self.norm(x)), SaShiMiState(tiers, center)
+
+    def _step_tier(
+        self, i: int, x: Tensor, tiers: tuple[TierState, ...], center: StackState
+    ) -> tuple[Tensor, tuple[TierState, ...], StackState]:
+        """Tier i reads one step x (batch, H_i); inner tiers step only when a group of p is complete."""
+        if i == len(tiers):
+            y, center = self.center.step(x, center)
+            return x + y, tiers, center
+        tier = tiers[i]
+        p = self.config.pool[i]
+        h = tier.upsampled[:, tier.position % p] + x  # UpPool output + U-Net skip
+        y, stack = self.up_stacks[i].step(h, tier.stack)
+        pending, upsampled = tier.pending + (x,), tier.upsampled
+        if len(pending) == p:  # group complete: pool it and step the inner tier once
+            inner = self.down_pools[i].linear(torch.cat(pending, dim=-1))
+            inner, tiers, center = self._step_tier(i + 1, inner, tiers, center)
+            upsampled, pending = self.up_pools[i].project(inner), ()
+        tier = TierState(tier.position + 1, pending, upsampled, stack)
+        return h + y, tiers[:i] + (tier,) + tiers[i + 1 :], center
+
+    @torch.no_grad()
+    def prime(self, tokens: Tensor) -> tuple[Tensor, SaShiMiState]:
+        """Read a whole prompt in convolution mode: logits (batch, T, n_classes) and the state that
+        stepping through all T tokens would leave. The longest prefix that is a multiple of the total
+        pooling goes through the parallel pass; the few tokens after it are stepped."""
+        batch, T = tokens.shape
+        T0 = T // self.config.total_pool * self.config.total_pool
+        logits = []
+        if T0:
+            prefix_logits, state = self._unet(tokens[:, :T0], with_state=True)
+            logits.append(prefix_logits)
+        else:
+            state = self.initial_state(batch)
+        for t in range(T0, T):
+            step_logits, state = self.step(tokens[:, t], state)
+            logits.append(step_logits[:, None])
+        return torch.cat(logits, dim=1), state
