@@ -22,4 +22,4 @@ run: $(VENV)/.installed
 	$(PY) app.py $(ARGS)
 
 test: $(VENV)/.installed-dev
-	$(PY) -m pytest $(PYTEST_ARGS)
+	OMP_NUM_THREADS=1 $(PY) -m pytest $(PYTEST_ARGS)

@@ -155,11 +155,50 @@ class Residual(nn.Module):
 
 
 @dataclass(frozen=True)
+class BlockStep:
+    """One [Residual(S4), Residual(FeedForward)] pair as plain tensors, for the in-place `step_`.
+
+    Reading weights from tensors instead of calling the modules skips nn.Module call overhead, which
+    dominates a step at these sizes: about 2x the steps/s for sc09 at batch 1 on CPU
+    (benchmarks/bench_generation.py). Built from the current weights whenever a state is made.
+    """
+
+    ssm: DiagonalStep | DPLRStep  # discrete SSM parameters (the functional step uses these too)
+    eps: float  # LayerNorm epsilon
+    s4_norm: tuple[Tensor, Tensor]  # LayerNorm (weight, bias) before the S4 layer
+    s4_out: tuple[Tensor, Tensor]  # S4 output linear H -> 2H (weight, bias), before the GLU
+    ff_norm: tuple[Tensor, Tensor]
+    ff_in: tuple[Tensor, Tensor]  # feed-forward H -> ff H
+    ff_out: tuple[Tensor, Tensor]  # feed-forward ff H -> H
+
+    @staticmethod
+    def of(s4_block: "Residual", ff_block: "Residual") -> "BlockStep":
+        def weights(module: nn.Module) -> tuple[Tensor, Tensor]:
+            return module.weight.detach(), module.bias.detach()
+
+        ff_in, ff_out = ff_block.layer.net[0], ff_block.layer.net[-1]
+        return BlockStep(s4_block.layer.step_parameters(), s4_block.norm.eps, weights(s4_block.norm),
+                         weights(s4_block.layer.output_linear), weights(ff_block.norm), weights(ff_in),
+                         weights(ff_out))
+
+    def step_(self, h: Tensor, x: Tensor) -> Tensor:
+        """h (batch, H) -> (batch, H), updating this pair's SSM state x in place (inference: no dropout).
+
+        The same arithmetic as Residual(S4).forward then Residual(FeedForward).forward at one sample.
+        """
+        H = h.shape[-1:]
+        y = self.ssm.step_(F.layer_norm(h, H, *self.s4_norm, self.eps), x)
+        h = h + F.glu(F.linear(F.gelu(y), *self.s4_out), dim=-1)
+        z = F.layer_norm(h, H, *self.ff_norm, self.eps)
+        return h + F.linear(F.gelu(F.linear(z, *self.ff_in)), *self.ff_out)
+
+
+@dataclass(frozen=True)
 class StackState:
-    """Recurrent state of one Stack: each S4 layer's x and its discrete parameters (fixed for a run)."""
+    """Recurrent state of one Stack: each S4 layer's x, and each block's step weights (fixed for a run)."""
 
     x: tuple[Tensor, ...]  # per S4 layer: (batch, H, N/2) complex
-    params: tuple[DiagonalStep | DPLRStep, ...]
+    blocks: tuple[BlockStep, ...]
 
 
 class Stack(nn.Module):
@@ -185,22 +224,29 @@ class Stack(nn.Module):
         for s4_block, ff_block in zip(self.s4_blocks, self.ff_blocks):
             states.append(s4_block.layer.final_state(s4_block.norm(x)))
             x = ff_block(s4_block(x))
-        return x, StackState(tuple(states), self._step_parameters())
+        return x, StackState(tuple(states), self._block_steps())
 
-    def _step_parameters(self) -> tuple[DiagonalStep | DPLRStep, ...]:
-        return tuple(block.layer.step_parameters() for block in self.s4_blocks)
+    def _block_steps(self) -> tuple[BlockStep, ...]:
+        return tuple(BlockStep.of(s4, ff) for s4, ff in zip(self.s4_blocks, self.ff_blocks))
 
     def initial_state(self, batch: int) -> StackState:
-        return StackState(tuple(b.layer.initial_state(batch) for b in self.s4_blocks), self._step_parameters())
+        return StackState(tuple(b.layer.initial_state(batch) for b in self.s4_blocks), self._block_steps())
 
     def step(self, x: Tensor, state: StackState) -> tuple[Tensor, StackState]:
         """One step: x (batch, H) -> (batch, H)."""
         new_x = []
-        for s4_block, ff_block, ssm_x, params in zip(self.s4_blocks, self.ff_blocks, state.x, state.params):
-            y, ssm_x = s4_block.layer.step(s4_block.norm(x), ssm_x, params)
+        for s4_block, ff_block, ssm_x, block in zip(self.s4_blocks, self.ff_blocks, state.x, state.blocks):
+            y, ssm_x = s4_block.layer.step(s4_block.norm(x), ssm_x, block.ssm)
             x = ff_block(x + s4_block.dropout(y))
             new_x.append(ssm_x)
-        return x, StackState(tuple(new_x), state.params)
+        return x, StackState(tuple(new_x), state.blocks)
+
+    @staticmethod
+    def step_(x: Tensor, state: StackState) -> Tensor:
+        """As step, updating state.x in place: x (batch, H) -> (batch, H)."""
+        for ssm_x, block in zip(state.x, state.blocks):
+            x = block.step_(x, ssm_x)
+        return x
 
 
 class DownPool(nn.Module):
@@ -241,13 +287,14 @@ class UpPool(nn.Module):
         return y.flatten(1, 2)  # (batch, L, H)
 
 
-@dataclass(frozen=True)
+@dataclass
 class TierState:
     """Recurrent state of one pooled tier (all but the centre).
 
     The tier has read `position` steps. Its current group's inputs wait in `pending` until p of them
     are there; then they are pooled and the inner tier steps once, and its projection becomes
     `upsampled`, the p outputs the next group reads (zeros for the first group: the UpPool shift).
+    Not frozen: `SaShiMi.step_` advances these fields in place; `step` builds a new TierState.
     """
 
     position: int
@@ -361,6 +408,32 @@ class SaShiMi(nn.Module):
             upsampled, pending = self.up_pools[i].project(inner), ()
         tier = TierState(tier.position + 1, pending, upsampled, stack)
         return h + y, tiers[:i] + (tier,) + tiers[i + 1 :], center
+
+    @torch.no_grad()
+    def step_(self, token: Tensor, state: SaShiMiState) -> Tensor:
+        """As step, for generation: updates `state` in place and returns the logits (batch, n_classes).
+
+        The same multi-rate schedule, with the S4/feed-forward pairs run from plain tensors
+        (BlockStep.step_) and the SSM states overwritten. Inference only (no dropout, no autograd);
+        use it on a state you own, e.g. fresh from initial_state or prime.
+        """
+        return self.head(self.norm(self._step_tier_(0, self.embedding(token), state)))
+
+    def _step_tier_(self, i: int, x: Tensor, state: SaShiMiState) -> Tensor:
+        """Tier i reads one step x (batch, H_i) in place; see _step_tier."""
+        if i == len(state.tiers):
+            return x + Stack.step_(x, state.center)
+        tier = state.tiers[i]
+        p = self.config.pool[i]
+        h = tier.upsampled[:, tier.position % p] + x  # UpPool output + U-Net skip
+        y = Stack.step_(h, tier.stack)
+        tier.position += 1
+        tier.pending += (x,)
+        if len(tier.pending) == p:  # group complete: pool it and step the inner tier once
+            inner = self.down_pools[i].linear(torch.cat(tier.pending, dim=-1))
+            tier.upsampled = self.up_pools[i].project(self._step_tier_(i + 1, inner, state))
+            tier.pending = ()
+        return h + y
 
     @torch.no_grad()
     def prime(self, tokens: Tensor) -> tuple[Tensor, SaShiMiState]:

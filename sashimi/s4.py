@@ -14,7 +14,7 @@ conjugates implicitly, so outputs read y = 2 Re(C x) and Cauchy sums run over bo
 """
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -103,17 +103,38 @@ def dplr_dense(Lambda: Tensor, P: Tensor) -> Tensor:
 def discretize_dplr_dense(Lambda: Tensor, P: Tensor, B: Tensor, dt: Tensor) -> tuple[Tensor, Tensor]:
     """Bilinear discretisation of A = diag(Lambda) - P P^H as dense matrices over all N modes.
 
-    Used where a power of A_bar is needed (C_tilde, priming), never in the per-sample step.
+        A_bar = M^-1 (I + dt/2 A),  B_bar = M^-1 dt B,  M = I - dt/2 A = E^-1 + (dt/2) P P^H,
+        M^-1 = E - (dt/2) / (1 + (dt/2) P^H E P) (E P)(P^H E),   E = (I - dt/2 Lambda)^-1 diagonal,
+
+    so it costs O(N^2) per channel, no factorisation. Used where a power of A_bar is needed
+    (C_tilde, priming), never in the per-sample step.
     Args:    Lambda, P, B: (N/2,) complex;  dt: (H,).
     Returns: A_bar (H, N, N), B_bar (H, N), complex.
     """
-    A = dplr_dense(Lambda, P)
-    eye = torch.eye(A.shape[-1], dtype=A.dtype, device=A.device)
-    half = dt[:, None, None].to(A.dtype) / 2 * A  # (H, N, N)
-    B_full = torch.cat([B, B.conj()], -1)
-    A_bar = torch.linalg.solve(eye - half, eye + half)
-    B_bar = torch.linalg.solve(eye - half, dt[:, None].to(A.dtype) * B_full)
+    Lambda, P, B = (torch.cat([v, v.conj()], -1) for v in (Lambda, P, B))  # (N,)
+    half = (dt / 2)[:, None].to(Lambda.dtype)  # (H, 1)
+    E = 1 / (1 - half * Lambda)  # (H, N)
+    EP = E * P
+    scale = half / (1 + half * (P.conj() * EP).sum(-1, keepdim=True))  # (H, 1)
+    M_inv = torch.diag_embed(E) - scale[..., None] * EP[..., :, None] * (P.conj() * E)[..., None, :]
+    M_inv_P = (M_inv @ P[:, None])[..., 0]  # (H, N)
+    A_bar = M_inv * (1 + half * Lambda)[..., None, :] - half[..., None] * M_inv_P[..., :, None] * P.conj()
+    B_bar = (M_inv @ (2 * half * B)[..., None])[..., 0]
     return A_bar, B_bar
+
+
+def row_times_power(v: Tensor, A: Tensor, n: int) -> Tensor:
+    """v A^n for row vectors v (H, N) and matrices A (H, N, N), by baby step / giant step:
+    A^c once (c ~ sqrt(n), by squaring), then ~ sqrt(n) vector-matrix products, which costs
+    a fraction of the log2(n) dense squarings of a full matrix power."""
+    c = max(math.isqrt(n), 1)
+    A_c = torch.linalg.matrix_power(A, c)
+    v = v[:, None, :]
+    for _ in range(n // c):
+        v = v @ A_c
+    for _ in range(n % c):
+        v = v @ A
+    return v[:, 0]
 
 
 # --- convolution mode ----------------------------------------------------------------------------
@@ -196,7 +217,7 @@ def _c_tilde(Lambda: Tensor, P: Tensor, B: Tensor, C: Tensor, dt: Tensor, L: int
     float32 powers of it lose digits that the kernel then misses."""
     A_bar, _ = discretize_dplr_dense(Lambda.cdouble(), P.cdouble(), B.cdouble(), dt.double())
     C_full = torch.cat([C, C.conj()], -1).cdouble()  # (H, N)
-    C_tilde = C_full - (C_full[:, None, :] @ torch.linalg.matrix_power(A_bar, L))[:, 0]
+    C_tilde = C_full - row_times_power(C_full, A_bar, L)
     return C_tilde[:, : C.shape[-1]].to(C.dtype)
 
 
@@ -259,12 +280,29 @@ class DiagonalStep:
     B_bar: Tensor  # (H, N/2) complex
     C: Tensor  # (H, N/2) complex
     D: Tensor  # (H,)
+    # For step_, which works on x as (re, im) pairs of floats: B_bar the same way, and 2 C as a real
+    # row with <C_row, x as pairs> = 2 Re(C x), i.e. (2 Re C_n, -2 Im C_n) interleaved.
+    B_bar_pairs: Tensor = field(init=False, repr=False)  # (H, N/2, 2)
+    C_row: Tensor = field(init=False, repr=False)  # (H, N)
+
+    def __post_init__(self):
+        object.__setattr__(self, "B_bar_pairs", torch.view_as_real(self.B_bar))
+        object.__setattr__(self, "C_row", 2 * torch.view_as_real(self.C.conj().resolve_conj()).flatten(-2))
 
     def __call__(self, u: Tensor, x: Tensor) -> tuple[Tensor, Tensor]:
         """x_k = A_bar x_{k-1} + B_bar u_k,  y_k = 2 Re(C x_k) + D u_k.   u (batch, H), x (batch, H, N/2)."""
         x = self.A_bar * x + self.B_bar * u[..., None]
         y = 2 * torch.einsum("bhn,hn->bh", x, self.C).real + self.D * u
         return y, x
+
+    def step_(self, u: Tensor, x: Tensor) -> Tensor:
+        """As __call__, but x is updated in place and only y is returned. The input and output terms
+        run on x viewed as real pairs: a real u times complex B_bar would first cast u to complex,
+        and the einsum would permute, which together cost more than the state update itself."""
+        x.mul_(self.A_bar)
+        x_pairs = torch.view_as_real(x)  # (batch, H, N/2, 2)
+        x_pairs.addcmul_(self.B_bar_pairs, u[..., None, None])
+        return torch.addcmul(torch.linalg.vecdot(x_pairs.flatten(-2), self.C_row), self.D, u)
 
 
 @dataclass(frozen=True)
@@ -296,6 +334,12 @@ class DPLRStep:
         x = Ev - self.EP_scaled * (2 * (Ev * P_conj).sum(-1, keepdim=True).real)
         y = 2 * torch.einsum("bhn,hn->bh", x, self.C).real + self.D * u
         return y, x
+
+    def step_(self, u: Tensor, x: Tensor) -> Tensor:
+        """As __call__, writing the new state into x and returning y."""
+        y, x_new = self(u, x)
+        x.copy_(x_new)
+        return y
 
 
 # --- the layer -----------------------------------------------------------------------------------

@@ -1,0 +1,122 @@
+"""The SaShiMi network: convolution mode == recurrent mode, causality, config, parameter count."""
+
+import dataclasses
+import json
+
+import pytest
+import torch
+
+from sashimi import SaShiMi, SaShiMiConfig
+from sashimi.model import IGNORE_INDEX, PRESETS, nll_bits, shift_inputs
+
+KERNELS = {"diagonal": {"kernel": "diagonal", "disc": "zoh"}, "dplr": {"kernel": "dplr", "disc": "bilinear"}}
+
+
+def build(preset: str, kernel: str, seed: int = 0) -> SaShiMi:
+    torch.manual_seed(seed)
+    return SaShiMi(dataclasses.replace(SaShiMiConfig.preset(preset), **KERNELS[kernel]))
+
+
+def train_on_random_data(model: SaShiMi, steps: int = 20, L: int = 64) -> None:
+    """Move the weights away from their initialisation (a larger lr than usual, so they really move).
+    Short sequences keep this cheap; the step-vs-forward check then runs at L = 1024."""
+    optimizer = torch.optim.Adam(model.parameters(), lr=5e-3)
+    model.train()
+    for _ in range(steps):
+        targets = torch.randint(0, model.config.n_classes, (1, L))
+        loss = nll_bits(model(shift_inputs(targets, model.start_token)), targets)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    model.eval()
+
+
+def step_through(model: SaShiMi, tokens: torch.Tensor) -> torch.Tensor:
+    state = model.initial_state(tokens.shape[0])
+    logits = []
+    for t in range(tokens.shape[1]):
+        logits_t, state = model.step(tokens[:, t], state)
+        logits.append(logits_t)
+    return torch.stack(logits, dim=1)
+
+
+@pytest.mark.parametrize("kernel", ["diagonal", "dplr"])
+@pytest.mark.parametrize("preset", ["tiny", "sc09"])
+@pytest.mark.parametrize("trained", [False, True], ids=["init", "trained"])
+def test_step_matches_forward(preset, kernel, trained):
+    model = build(preset, kernel)
+    if trained:
+        train_on_random_data(model)
+    tokens = torch.randint(0, 256, (1, 1024), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        conv = model(tokens)
+        rec = step_through(model, tokens)
+    # float32 round-off through 24 layers and 1024 steps stays far below the 1e-3 the issue allows
+    assert (conv - rec).abs().max() <= 1e-3
+
+
+@pytest.mark.parametrize("kernel", ["diagonal", "dplr"])
+def test_future_tokens_do_not_change_past_logits(kernel):
+    model = build("tiny", kernel).eval()
+    tokens = torch.randint(0, 256, (2, 256), generator=torch.Generator().manual_seed(2))
+    for t in (0, 5, 16, 100, 255):
+        perturbed = tokens.clone()
+        perturbed[:, t] = (perturbed[:, t] + 77) % 256
+        with torch.no_grad():
+            before, after = model(tokens), model(perturbed)
+        # exact causality up to FFT round-off (the circular convolution is zero-padded to 2L)
+        assert (before[:, :t] - after[:, :t]).abs().max() <= 1e-5
+        assert (before[:, t] - after[:, t]).abs().max() > 1e-3  # and token t itself does matter
+
+
+@pytest.mark.parametrize("kernel", ["diagonal", "dplr"])
+@pytest.mark.parametrize("T", [1, 15, 16, 203])
+def test_prime_leaves_the_state_stepping_leaves(kernel, T):
+    model = build("tiny", kernel).eval()
+    tokens = torch.randint(0, 256, (2, T + 40), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        primed_logits, state = model.prime(tokens[:, :T])
+        stepped = step_through(model, tokens)
+        continued = []
+        for t in range(T, T + 40):
+            logits_t, state = model.step(tokens[:, t], state)
+            continued.append(logits_t)
+    assert (primed_logits - stepped[:, :T]).abs().max() <= 1e-4
+    assert (torch.stack(continued, 1) - stepped[:, T:]).abs().max() <= 1e-4
+
+
+def test_length_must_be_a_multiple_of_the_total_pooling():
+    model = build("tiny", "diagonal")
+    with pytest.raises(ValueError, match="not a multiple of the total pooling 16.*992 or 1008"):
+        model(torch.zeros(1, 1000, dtype=torch.long))
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_config_round_trips_through_json(name):
+    config = SaShiMiConfig.preset(name)
+    assert SaShiMiConfig.from_dict(json.loads(config.to_json())) == config
+
+
+def test_config_rejects_bad_values_with_the_fix_in_the_message():
+    with pytest.raises(ValueError, match="unknown config keys \\['width'\\]; known keys"):
+        SaShiMiConfig.from_dict({"width": 3})
+    with pytest.raises(ValueError, match="unknown preset 'big'; known presets: \\['sc09', 'tiny'\\]"):
+        SaShiMiConfig.preset("big")
+    with pytest.raises(ValueError, match="kernel must be one of"):
+        SaShiMiConfig(kernel="fft")
+    with pytest.raises(ValueError, match='needs disc="bilinear"'):
+        SaShiMiConfig(kernel="dplr", disc="zoh")
+
+
+@pytest.mark.parametrize("kernel", ["diagonal", "dplr"])
+def test_sc09_has_the_papers_parameter_count(kernel):
+    n = sum(p.numel() for p in build("sc09", kernel).parameters())
+    assert abs(n - 4_764_160) / 4_764_160 < 0.05  # the reference SaShiMi's sc09 model
+
+
+def test_shift_inputs_and_nll_bits():
+    targets = torch.tensor([[5, 6, 7, IGNORE_INDEX]])
+    assert shift_inputs(targets, 128).tolist() == [[128, 5, 6, 7]]
+    uniform = torch.zeros(1, 4, 256)
+    assert nll_bits(uniform, targets).item() == pytest.approx(8.0)  # log2(256), padding not counted
+    assert nll_bits(uniform, targets, reduction="none")[0, 3].item() == 0.0
