@@ -1,0 +1,483 @@
+"""The web UI: pick a checkpoint, generate or continue audio, and listen while it is being sampled.
+
+A Gradio 6 page over `sashimi.generate.Generator` (it never reaches into the model's layers):
+  - a model picker over every checkpoint under checkpoints/ and any given with --checkpoint, with
+    its card (data, sample rate, parameters, steps, validation bits per sample, device);
+  - sampling settings shared by both tabs: clips, temperature, top-p, a seed or "random";
+  - Generate (seconds per clip) and Continue (a prompt to upload or record, the seconds of it to
+    keep and the seconds to add);
+  - the results: a live player fed chunk by chunk by the recurrent sampler while it runs (SaShiMi's
+    recurrent mode makes one sample at a time, so the start of a clip exists long before its end),
+    then every clip as a player with download and its waveform + spectrogram, ranked by the
+    model's own likelihood of it (bits per sample, lower = more likely), as the reference's
+    generate script ranks a batch.
+Both buttons are named API endpoints, /generate and /continue, callable with gradio_client.
+Every request is checked against `Limits` (set from app.py's flags) and answered with a gr.Error
+message in the page, never a traceback.
+"""
+
+import io
+import logging
+import secrets
+import shutil
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import gradio as gr
+import numpy as np
+import soundfile as sf
+import torch
+
+from .audio import load_audio, write_wav
+from .checkpoint import CHECKPOINTS_DIR, DEFAULT_CHECKPOINT, list_checkpoints
+from .generate import Generator, check_sampling
+from .plots import save_figure_png, waveform_spectrogram_figure
+
+log = logging.getLogger(__name__)
+
+REPO_ROOT = CHECKPOINTS_DIR.parent
+MAX_SEED = 2**31 - 1  # seeds stay exact as JavaScript numbers in the page
+RANKING_HEADERS = ["rank", "seed", "bits per sample"]
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What one request may ask of this server (app.py's --max-* and --concurrency flags)."""
+
+    max_seconds: float = 10.0  # per clip, generated (and, for Continue, kept from the prompt)
+    max_clips: int = 4  # clips sampled together in one batch
+    max_upload_mb: float = 20.0  # prompt file size
+    concurrency: int = 1  # requests sampled at once; the rest wait in the queue
+
+    def __post_init__(self):
+        for name in ("max_seconds", "max_clips", "max_upload_mb", "concurrency"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+
+
+def refused(message: str) -> gr.Error:
+    """The error for a request we turn down: shown in the page, not logged as a crash."""
+    return gr.Error(message, print_exception=False)
+
+
+def display_path(path: Path) -> str:
+    """`path` relative to the repository if inside it (checkpoints/fsdd), else absolute."""
+    path = Path(path).resolve()
+    return str(path.relative_to(REPO_ROOT)) if path.is_relative_to(REPO_ROOT) else str(path)
+
+
+def missing_checkpoint_message() -> str:
+    return (
+        f"No checkpoint to load: the default model {display_path(DEFAULT_CHECKPOINT)} is not there "
+        "and checkpoints/ holds no other. Train one with `python -m train --data DIR --out "
+        "runs/NAME`, then start `python app.py --checkpoint DIR` with the checkpoint folder it "
+        "wrote (config.json + model.safetensors), or copy that folder under checkpoints/."
+    )
+
+
+def find_checkpoints(extra: list[Path]) -> list[Path]:
+    """Every checkpoint under checkpoints/, then those given on the command line, without repeats.
+
+    A given folder is listed even when it is not a checkpoint, so that picking it says why.
+    """
+    found = list(list_checkpoints(CHECKPOINTS_DIR)) + [Path(p) for p in extra]
+    return list(dict.fromkeys(p.resolve() for p in found))
+
+
+class Models:
+    """Generators loaded on first use and kept, one per checkpoint folder."""
+
+    def __init__(self, device: str | torch.device = "auto"):
+        self.device = device
+        self._generators: dict[str, Generator] = {}
+        self._lock = threading.Lock()  # two first requests for a model load its weights once
+
+    def get(self, checkpoint: str | None) -> Generator:
+        if not checkpoint:
+            raise refused(missing_checkpoint_message().replace("`", ""))
+        with self._lock:
+            if checkpoint not in self._generators:
+                try:
+                    self._generators[checkpoint] = Generator.from_checkpoint(
+                        checkpoint, device=self.device
+                    )
+                except (FileNotFoundError, ValueError) as error:
+                    raise refused(str(error)) from error
+            return self._generators[checkpoint]
+
+    def card(self, checkpoint: str | None) -> str:
+        """Markdown facts about a checkpoint, or why it cannot be loaded."""
+        if not checkpoint:
+            return f"#### No model\n{missing_checkpoint_message()}"
+        try:
+            generator = self.get(checkpoint)
+        except gr.Error as error:
+            return f"#### Cannot load {display_path(Path(checkpoint))}\n{error.message}"
+        meta, config = generator.metadata, generator.config
+        parameters = meta.get("num_parameters") or sum(
+            p.numel() for p in generator.model.parameters()
+        )
+        rows = [
+            ("trained on", meta.get("train_data")),
+            ("training files", meta.get("n_train_files")),
+            ("sample rate", f"{generator.sample_rate:,} Hz"),
+            ("quantisation", f"{config.quantization}, {config.n_classes} classes"),
+            ("parameters", f"{parameters:,}"),
+            ("training steps", meta.get("step")),
+            ("validation NLL", _bits(meta.get("valid_bits_per_sample"))),
+            ("training time", _duration(meta.get("wall_time_s"))),
+            ("trained on device", meta.get("device")),
+            ("device in use", str(generator.device)),
+        ]
+        facts = "\n".join(f"- {name}: **{value}**" for name, value in rows if value is not None)
+        return f"#### {display_path(Path(checkpoint))}\n{facts}"
+
+
+def _bits(value: float | None) -> str | None:
+    return None if value is None else f"{value:.3f} bits per sample"
+
+
+def _duration(seconds: float | None) -> str | None:
+    return None if seconds is None else f"{seconds / 60:.1f} min"
+
+
+def wav_bytes(audio: np.ndarray, sample_rate: int) -> bytes:
+    """Mono float audio as the bytes of a 16-bit WAV file: one chunk for the live player.
+
+    Bytes, not a (rate, array) pair: Gradio rescales arrays to their own peak, which would change
+    the loudness from one chunk to the next.
+    """
+    buffer = io.BytesIO()
+    sf.write(buffer, np.clip(audio, -1.0, 1.0), sample_rate, format="WAV", subtype="PCM_16")
+    return buffer.getvalue()
+
+
+class WebUI:
+    """The page's event handlers, over a set of checkpoints, a model cache and the limits."""
+
+    def __init__(
+        self, extra_checkpoints: list[Path], limits: Limits, device: str | torch.device = "auto"
+    ):
+        """Offer every checkpoint under checkpoints/ plus `extra_checkpoints` (app.py --checkpoint).
+
+        The page opens on the first extra one, else the shipped default, else the first found.
+        """
+        self.checkpoints = find_checkpoints(extra_checkpoints)
+        preferred = [Path(p).resolve() for p in extra_checkpoints] + [DEFAULT_CHECKPOINT]
+        self.selected = next(
+            (str(p) for p in preferred if p in self.checkpoints),
+            str(self.checkpoints[0]) if self.checkpoints else None,
+        )
+        self.limits = limits
+        self.models = Models(device)
+        # Gradio encodes the live stream with FFmpeg; without it a streamed chunk fails the request.
+        self.live_playback = shutil.which("ffmpeg") is not None
+        if not self.live_playback:
+            log.warning(
+                "ffmpeg is not on PATH: the live player stays silent and clips appear when "
+                "finished; install FFmpeg (e.g. apt-get install ffmpeg) for live playback"
+            )
+        self._outputs = tempfile.TemporaryDirectory(prefix="sashimi-webui-")  # removed at exit
+
+    # --- checks: every value a client can send, with the limit and the flag that sets it ---------
+    def _check_seconds(self, name: str, seconds: float) -> float:
+        if seconds is None or not seconds > 0:
+            raise refused(f"{name} must be more than 0 s, got {seconds}")
+        if seconds > self.limits.max_seconds:
+            raise refused(
+                f"{name} = {seconds:g} s is over this server's limit of "
+                f"{self.limits.max_seconds:g} s (app.py --max-seconds)"
+            )
+        return float(seconds)
+
+    def _check_clips(self, clips: float) -> int:
+        if clips is None or clips != int(clips) or not 1 <= clips <= self.limits.max_clips:
+            raise refused(
+                f"clips must be a whole number from 1 to {self.limits.max_clips} "
+                f"(app.py --max-clips), got {clips}"
+            )
+        return int(clips)
+
+    def _pick_seed(self, seed: float | None, random_seed: bool) -> int:
+        highest = MAX_SEED - self.limits.max_clips  # clip i of a batch uses seed + i
+        if random_seed:
+            return secrets.randbelow(highest + 1)
+        if seed is None or seed != int(seed) or not 0 <= seed <= highest:
+            raise refused(f"seed must be a whole number from 0 to {highest}, got {seed}")
+        return int(seed)
+
+    # --- the two endpoints ---------------------------------------------------------------------
+    def generate(
+        self,
+        checkpoint: str | None,
+        clips: float,
+        seconds: float,
+        temperature: float,
+        top_p: float,
+        seed: float | None,
+        random_seed: bool,
+    ):
+        """Sample `clips` new clips of `seconds` each; streams the first while sampling."""
+        generator = self.models.get(checkpoint)
+        seconds = self._check_seconds("seconds", seconds)
+        seed = self._pick_seed(seed, random_seed)
+        settings = f"{seconds:g}s_t{temperature:g}_p{top_p:g}"
+        yield from self._sample(
+            generator,
+            self._check_clips(clips),
+            seconds,
+            temperature,
+            top_p,
+            seed,
+            prompt=None,
+            name=f"generate_{settings}",
+        )
+
+    def continue_(
+        self,
+        checkpoint: str | None,
+        prompt: str | None,
+        keep_seconds: float,
+        add_seconds: float,
+        clips: float,
+        temperature: float,
+        top_p: float,
+        seed: float | None,
+        random_seed: bool,
+    ):
+        """Keep the first `keep_seconds` of the prompt and sample `add_seconds` after it."""
+        generator = self.models.get(checkpoint)
+        if prompt is None:
+            raise refused("upload or record a prompt first (any of .wav .flac .ogg .mp3)")
+        keep_seconds = self._check_seconds("seconds to keep", keep_seconds)
+        add_seconds = self._check_seconds("seconds to add", add_seconds)
+        clips = self._check_clips(clips)
+        try:
+            audio = load_audio(prompt, generator.sample_rate)
+        except (FileNotFoundError, ValueError) as error:
+            # Name the file as the user knows it, not by the server's upload path.
+            raise refused(str(error).replace(str(prompt), Path(prompt).name)) from error
+        audio = audio[: max(1, round(keep_seconds * generator.sample_rate))]
+        seed = self._pick_seed(seed, random_seed)
+        settings = f"keep{len(audio) / generator.sample_rate:g}s_add{add_seconds:g}s"
+        yield from self._sample(
+            generator,
+            clips,
+            add_seconds,
+            temperature,
+            top_p,
+            seed,
+            prompt=audio,
+            name=f"continue_{settings}_t{temperature:g}_p{top_p:g}",
+        )
+
+    def _sample(self, generator, clips, seconds, temperature, top_p, seed, prompt, name):
+        """Run the sampler, yielding live audio of clip 1, then the ranked clips.
+
+        Yields tuples for the outputs (files, ranking, seed, status, live player, results).
+        """
+        rate = generator.sample_rate
+        num_samples = round(seconds * rate)
+        sampling = dict(temperature=temperature, top_p=top_p)
+        try:
+            check_sampling(num_samples, batch_size=clips, **sampling)
+        except ValueError as error:
+            raise refused(str(error)) from error
+        # Show the seed in use and clear the last results before the first sample exists.
+        live = gr.skip() if prompt is None or not self.live_playback else wav_bytes(prompt, rate)
+        yield None, None, seed, "<progress></progress> starting the sampler…", live, []
+
+        chunks, done, first_audio = [], 0, None
+        started = time.perf_counter()
+        for chunk in generator.stream(
+            num_samples,
+            batch_size=clips,
+            seed=seed,
+            prompt=prompt,
+            show_progress=False,
+            **sampling,
+        ):
+            chunks.append(chunk)  # (clips, n)
+            done += chunk.shape[1]
+            first_audio = first_audio or time.perf_counter() - started
+            speed = done / rate / (time.perf_counter() - started)
+            status = (
+                f'<progress value="{done}" max="{num_samples}"></progress> sampled '
+                f"{done / rate:.2f} of {seconds:g} s of audio, {speed:.2f}× real time"
+            )
+            live = wav_bytes(chunk[0], rate) if self.live_playback else gr.skip()
+            yield gr.skip(), gr.skip(), gr.skip(), status, live, gr.skip()
+        wall = time.perf_counter() - started
+
+        audio = np.concatenate(chunks, axis=1)
+        if prompt is not None:
+            audio = np.concatenate([np.broadcast_to(prompt, (clips, len(prompt))), audio], axis=1)
+        bits = generator.log_likelihood(audio)  # (clips,)
+        files, ranking, results = self._save_ranked(audio, bits, rate, seed, prompt, name)
+        speed = clips * seconds / wall
+        status = (
+            f"{clips} clip{'s' * (clips > 1)} × {seconds:g} s sampled in {wall:.1f} s "
+            f"({speed:.2f}× real time, first audio after {first_audio:.2f} s) · seed {seed} · "
+            f"{generator.device}"
+        )
+        yield files, ranking, seed, status, gr.skip(), results
+
+    def _save_ranked(self, audio, bits, rate, seed, prompt, name):
+        """Write each clip's WAV and figure, best first; returns (files, ranking rows, results)."""
+        folder = Path(tempfile.mkdtemp(dir=self._outputs.name))  # one per request: no clashes
+        marker = None if prompt is None else len(prompt) / rate
+        files, ranking, results = [], [], []
+        for rank, row in enumerate(np.argsort(bits), start=1):
+            clip_seed = seed + int(row)  # the engine seeds clip i of a batch with seed + i
+            stem = f"sashimi_seed{clip_seed}_{name}"
+            wav = write_wav(folder / f"{stem}.wav", audio[row], rate)
+            figure = waveform_spectrogram_figure(
+                audio[row], rate, marker_seconds=marker, title=f"#{rank}  {stem}"
+            )
+            png = save_figure_png(figure, folder / f"{stem}.png")
+            files.append(str(wav))
+            ranking.append([rank, clip_seed, round(float(bits[row]), 4)])
+            label = f"#{rank} · seed {clip_seed} · {bits[row]:.3f} bits per sample"
+            results.append({"wav": str(wav), "png": str(png), "label": label})
+        return files, ranking, results
+
+    # --- the page ------------------------------------------------------------------------------
+    def build(self) -> gr.Blocks:
+        limits = self.limits
+        labels = [(display_path(p), str(p)) for p in self.checkpoints]
+        with gr.Blocks(title="SaShiMi", analytics_enabled=False) as demo:
+            gr.Markdown(
+                "# SaShiMi\nRaw audio sampled one value at a time by a state-space U-Net "
+                "(S4 layers, run as a recurrence). Pick a model, generate or continue a sound, "
+                "and listen while it is being made."
+            )
+            with gr.Row():
+                picker = gr.Dropdown(labels, value=self.selected, label="model", scale=1)
+                card = gr.Markdown(self.models.card(None) if not labels else "loading…")
+            with gr.Row():
+                clips = gr.Number(
+                    1,
+                    label="clips",
+                    precision=0,
+                    minimum=1,
+                    info=f"sampled together, up to {limits.max_clips}",
+                )
+                temperature = gr.Slider(
+                    0.0,
+                    2.0,
+                    1.0,
+                    step=0.05,
+                    label="temperature",
+                    info="below 1 is more conservative, 0 is greedy",
+                )
+                top_p = gr.Slider(
+                    0.05,
+                    1.0,
+                    1.0,
+                    step=0.05,
+                    label="top-p",
+                    info="sample only from the likeliest classes holding this "
+                    "much probability (1 = off)",
+                )
+                seed = gr.Number(
+                    0,
+                    label="seed",
+                    precision=0,
+                    minimum=0,
+                    info="shows the seed used; clip i uses seed + i",
+                )
+                random_seed = gr.Checkbox(True, label="random seed")
+            with gr.Tabs():
+                with gr.Tab("Generate"):
+                    seconds = gr.Number(
+                        1.0,
+                        label="seconds per clip",
+                        minimum=0,
+                        info=f"up to {limits.max_seconds:g} s",
+                    )
+                    generate_button = gr.Button("Generate", variant="primary")
+                with gr.Tab("Continue"):
+                    prompt = gr.Audio(
+                        sources=["upload", "microphone"],
+                        type="filepath",
+                        label="prompt (.wav .flac .ogg .mp3, or record)",
+                    )
+                    with gr.Row():
+                        keep_seconds = gr.Number(
+                            1.0,
+                            label="seconds of the prompt to keep",
+                            minimum=0,
+                            info="from its start",
+                        )
+                        add_seconds = gr.Number(
+                            1.0,
+                            label="seconds to add",
+                            minimum=0,
+                            info=f"up to {limits.max_seconds:g} s",
+                        )
+                    continue_button = gr.Button("Continue", variant="primary")
+            stop_button = gr.Button("Stop", variant="stop")
+            live = gr.Audio(
+                label="live: clip 1 while it is being sampled"
+                if self.live_playback
+                else "live playback needs FFmpeg on the server (apt-get install ffmpeg)",
+                streaming=True,
+                autoplay=True,
+                interactive=False,
+                buttons=[],
+            )
+            status = gr.Markdown(label="status")
+            with gr.Row():
+                files = gr.File(label="WAV files, best first", file_count="multiple", scale=2)
+                ranking = gr.Dataframe(
+                    headers=RANKING_HEADERS,
+                    label="ranking: fewer bits per sample = likelier to the model",
+                    interactive=False,
+                    scale=1,
+                )
+            results = gr.State([])
+
+            @gr.render(inputs=results)
+            def show_clips(results: list[dict]):
+                for clip in results:
+                    with gr.Row(equal_height=True):
+                        gr.Audio(
+                            clip["wav"],
+                            label=clip["label"],
+                            type="filepath",
+                            interactive=False,
+                            buttons=["download"],
+                            scale=1,
+                        )
+                        gr.Image(clip["png"], show_label=False, type="filepath", scale=2)
+
+            outputs = [files, ranking, seed, status, live, results]
+            sampling = [temperature, top_p, seed, random_seed]
+            events = dict(
+                outputs=outputs,
+                show_progress_on=[status],  # the status line also holds the progress bar
+                concurrency_limit=limits.concurrency,
+                concurrency_id="sampling",  # both endpoints share the limit
+            )
+            generate_event = generate_button.click(
+                self.generate, [picker, clips, seconds, *sampling], api_name="generate", **events
+            )
+            continue_event = continue_button.click(
+                self.continue_,
+                [picker, prompt, keep_seconds, add_seconds, clips, *sampling],
+                api_name="continue",
+                **events,
+            )
+            stop_button.click(
+                lambda: "stopped",
+                None,
+                status,
+                cancels=[generate_event, continue_event],
+                api_visibility="private",
+            )
+            picker.change(self.models.card, picker, card, api_visibility="private")
+            demo.load(self.models.card, picker, card, api_visibility="private")
+        return demo

@@ -1,0 +1,289 @@
+"""The web UI as its users meet it: app.py started in a subprocess on a free local port with the
+tiny checkpoint, driven through gradio_client's named endpoints and, once, in headless Chromium."""
+
+import math
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import gradio as gr
+import httpx
+import numpy as np
+import pytest
+import soundfile as sf
+from gradio_client import Client, handle_file
+from gradio_client.exceptions import AppError
+
+from app import main
+from sashimi.audio import load_audio
+from sashimi.generate import CHUNK_SECONDS, Generator
+from sashimi.webui import Limits, WebUI
+
+APP = Path(__file__).resolve().parent.parent / "app.py"
+CHROMIUM = Path("/usr/bin/chromium")
+FFMPEG = shutil.which("ffmpeg")
+RATE = 8000  # the tiny_checkpoint's sample rate
+PCM16 = 1 / 32768  # one step of a 16-bit WAV file
+MAX_SECONDS, MAX_CLIPS = 1.0, 2
+SAMPLING = dict(temperature=1.0, top_p=0.95)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def missing_checkpoint(tmp_path_factory) -> Path:
+    return (tmp_path_factory.mktemp("nothing") / "no_such_checkpoint").resolve()
+
+
+@pytest.fixture(scope="module")
+def server(tiny_checkpoint, missing_checkpoint, tmp_path_factory):
+    """URL of a running `python app.py` offering the tiny checkpoint and a missing one."""
+    port = free_port()
+    log = tmp_path_factory.mktemp("server") / "app.log"
+    command = [
+        sys.executable,
+        str(APP),
+        "--port",
+        str(port),
+        "--device",
+        "cpu",
+        "--checkpoint",
+        str(tiny_checkpoint),
+        "--checkpoint",
+        str(missing_checkpoint),
+        "--max-seconds",
+        str(MAX_SECONDS),
+        "--max-clips",
+        str(MAX_CLIPS),
+        "--max-upload-mb",
+        "1",
+        "--concurrency",
+        "2",
+    ]
+    with open(log, "w") as out:
+        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}/"
+    deadline = time.monotonic() + 90
+    while True:
+        try:
+            with urllib.request.urlopen(url, timeout=2) as response:
+                if response.status == 200:
+                    break
+        except OSError:
+            pass
+        if process.poll() is not None or time.monotonic() > deadline:
+            process.kill()
+            pytest.fail(f"app.py did not start serving {url}:\n{log.read_text()}")
+        time.sleep(0.5)
+    yield url
+    process.terminate()
+    process.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def client(server) -> Client:
+    return Client(server, verbose=False)
+
+
+def read_clips(files: list[str]) -> list[np.ndarray]:
+    clips = []
+    for path in files:
+        audio, rate = sf.read(path, dtype="float32")
+        assert rate == RATE, f"{path} is at {rate} Hz"
+        clips.append(audio)
+    return clips
+
+
+def generate(client, checkpoint, clips=1, seconds=0.25, seed=0, random_seed=False):
+    return client.predict(
+        checkpoint and str(checkpoint),
+        clips,
+        seconds,
+        SAMPLING["temperature"],
+        SAMPLING["top_p"],
+        seed,
+        random_seed,
+        api_name="/generate",
+    )
+
+
+def test_generate_returns_ranked_wavs_of_the_requested_length(client, tiny_checkpoint):
+    files, ranking, seed, status, _live = generate(client, tiny_checkpoint, clips=2, seed=7)
+    assert seed == 7
+    clips = read_clips(files)
+    assert [len(c) for c in clips] == [round(0.25 * RATE)] * 2
+    assert not np.array_equal(clips[0], clips[1])  # two draws, not one copied
+    rows = ranking["data"]  # [rank, seed, bits per sample], in the order of `files`
+    assert [row[0] for row in rows] == [1, 2]
+    assert sorted(row[1] for row in rows) == [7, 8]  # clip i of a batch uses seed + i
+    assert rows[0][2] <= rows[1][2]  # best (fewest bits per sample) first
+    # The bits shown are the model's own likelihood of each file, scored here independently.
+    # 16-bit files hold the decoded mu-law values to 1/32768, far inside each class: same tokens.
+    bits = Generator.from_checkpoint(tiny_checkpoint, device="cpu").log_likelihood(np.stack(clips))
+    np.testing.assert_allclose([row[2] for row in rows], bits, atol=1e-4)  # shown to 4 decimals
+    for path, row in zip(files, rows, strict=True):
+        assert Path(path).name == f"sashimi_seed{row[1]}_generate_0.25s_t1_p0.95.wav"
+    assert "2 clips" in status and "real time" in status
+
+
+@pytest.mark.skipif(FFMPEG is None, reason="needs ffmpeg: Gradio encodes the live stream with it")
+def test_generate_streams_each_chunk_before_the_clip_is_done(client, tiny_checkpoint):
+    job = client.submit(
+        str(tiny_checkpoint), 1, 0.5, *SAMPLING.values(), 0, False, api_name="/generate"
+    )
+    updates = list(job)  # every update the page would get, in order
+    live = [i for i, update in enumerate(updates) if isinstance(update[4], str)]
+    assert len(live) == math.ceil(0.5 / CHUNK_SECONDS)  # one live update per sampled chunk
+    assert all(updates[i][4].endswith(".m3u8") for i in live)  # an HLS playlist that grows
+    assert "sampled 0.50 of 0.5 s of audio" in updates[live[-1]][3]  # progress in audio seconds
+    assert live[-1] < len(updates) - 1 and updates[-1][0]  # all of them before the files
+
+
+def test_random_seed_is_reported_and_reproduces_the_clip(client, tiny_checkpoint):
+    files, _, seed, _, _ = generate(client, tiny_checkpoint, random_seed=True)
+    assert isinstance(seed, int) and f"seed{seed}_" in Path(files[0]).name
+    replay = generate(client, tiny_checkpoint, seed=seed)[0]
+    np.testing.assert_array_equal(read_clips(replay)[0], read_clips(files)[0])
+
+
+def test_continue_returns_the_prompt_then_the_continuation(client, tiny_checkpoint, tmp_path):
+    # A stereo 16 kHz prompt: the app must mix it to mono and resample it to the model's 8 kHz.
+    t = np.arange(16_000) / 16_000
+    tone = 0.5 * np.sin(2 * np.pi * 220 * t)
+    prompt = tmp_path / "prompt.wav"
+    sf.write(prompt, np.stack([tone, 0.5 * tone], axis=1), 16_000, subtype="PCM_16")
+    files, _, _, status, _ = client.predict(
+        str(tiny_checkpoint),
+        handle_file(str(prompt)),
+        0.25,
+        0.5,
+        1,
+        SAMPLING["temperature"],
+        SAMPLING["top_p"],
+        3,
+        False,
+        api_name="/continue",
+    )
+    (clip,) = read_clips(files)
+    kept = round(0.25 * RATE)
+    assert len(clip) == kept + round(0.5 * RATE)
+    expected = load_audio(prompt, RATE)[:kept]
+    np.testing.assert_allclose(clip[:kept], expected, atol=PCM16)  # one 16-bit rounding step
+    assert np.abs(clip[kept:]).max() > 0  # something was added after the prompt
+    assert "_continue_keep0.25s_add0.5s_" in Path(files[0]).name and "1 clip " in status
+
+
+def test_too_long_or_too_many_requests_are_refused_with_the_limit(client, tiny_checkpoint):
+    with pytest.raises(AppError, match=r"over this server's limit of 1 s \(app.py --max-seconds\)"):
+        generate(client, tiny_checkpoint, seconds=5.0)
+    with pytest.raises(AppError, match=r"clips must be a whole number from 1 to 2"):
+        generate(client, tiny_checkpoint, clips=3)
+
+
+def test_corrupt_upload_is_refused_with_its_name(client, tiny_checkpoint, tmp_path):
+    corrupt = tmp_path / "broken.wav"
+    corrupt.write_bytes(b"RIFF but not really a wave file" * 10)
+    with pytest.raises(AppError, match=r"broken\.wav: not readable as audio"):
+        client.predict(
+            str(tiny_checkpoint),
+            handle_file(str(corrupt)),
+            0.25,
+            0.25,
+            1,
+            SAMPLING["temperature"],
+            SAMPLING["top_p"],
+            0,
+            False,
+            api_name="/continue",
+        )
+
+
+def test_upload_over_the_size_limit_is_refused_by_the_server(server):
+    oversized = b"\0" * (2**20 + 1)  # --max-upload-mb 1, plus one byte
+    response = httpx.post(f"{server}gradio_api/upload", files={"files": ("big.wav", oversized)})
+    assert response.status_code == 413, response.text
+
+
+def test_missing_checkpoint_is_reported(client, missing_checkpoint):
+    with pytest.raises(AppError, match=r"no_such_checkpoint does not exist"):
+        generate(client, missing_checkpoint)
+    with pytest.raises(AppError, match=r"No checkpoint to load: .* python -m train"):
+        generate(client, None)
+
+
+def test_two_concurrent_requests_both_complete(client, tiny_checkpoint):
+    jobs = [
+        client.submit(
+            str(tiny_checkpoint),
+            1,
+            0.25,
+            SAMPLING["temperature"],
+            SAMPLING["top_p"],
+            seed,
+            False,
+            api_name="/generate",
+        )
+        for seed in (1, 2)
+    ]
+    results = [job.result(timeout=120) for job in jobs]
+    assert [r[2] for r in results] == [1, 2]
+    assert all(len(read_clips(r[0])[0]) == round(0.25 * RATE) for r in results)
+
+
+def test_bad_limits_are_refused_in_one_line(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--max-seconds", "0"])
+    assert exit_info.value.code == 2
+    last_line = capsys.readouterr().err.splitlines()[-1]
+    assert last_line == "python app.py: error: --max-seconds must be positive, got 0.0"
+
+
+def test_without_ffmpeg_clips_still_arrive_with_a_silent_live_player(
+    tiny_checkpoint, tmp_path, monkeypatch
+):
+    monkeypatch.setenv("PATH", str(tmp_path))  # an empty PATH: no ffmpeg to find
+    ui = WebUI([tiny_checkpoint], Limits(), device="cpu")
+    assert not ui.live_playback
+    assert "live playback needs FFmpeg on the server" in str(ui.build().config)
+    checkpoint = str(tiny_checkpoint.resolve())
+    updates = list(ui.generate(checkpoint, 1, 0.25, 1.0, 1.0, 5, False))
+    assert all(update[4] == gr.skip() for update in updates)  # nothing sent to the live player
+    files, _, seed, *_ = updates[-1]
+    assert seed == 5 and len(sf.read(files[0])[0]) == round(0.25 * RATE)
+
+
+@pytest.mark.skipif(not CHROMIUM.exists(), reason="needs Debian's chromium at /usr/bin/chromium")
+def test_page_generates_in_headless_chromium(server, tmp_path):
+    from playwright.sync_api import expect, sync_playwright
+
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(
+            executable_path=str(CHROMIUM),
+            args=[
+                "--headless",
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-background-networking",
+                "--disable-component-update",
+                "--disable-sync",
+                "--no-first-run",
+            ],
+        )
+        page = browser.new_page(viewport={"width": 1280, "height": 1400})
+        page.goto(server)
+        expect(page.get_by_text("device in use")).to_be_visible(timeout=30_000)
+        page.get_by_label("seconds per clip").fill("0.25")
+        page.get_by_role("button", name="Generate").click()
+        expect(page.get_by_text("#1 · seed")).to_be_visible(timeout=60_000)
+        expect(page.get_by_text("sampled in")).to_be_visible()
+        page.screenshot(path=tmp_path / "page.png", full_page=True)
+        browser.close()
+    assert (tmp_path / "page.png").stat().st_size > 10_000
