@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .audio import MU_LAW_CLASSES, QUANTIZATIONS, silence_token
-from .s4 import S4, DISCRETIZATIONS, DiagonalStep, DPLRStep
+from .s4 import DISCRETIZATIONS, S4, DiagonalStep, DPLRStep
 
 IGNORE_INDEX = -100  # target value of padding: scored by nothing (F.cross_entropy's ignore_index)
 KERNELS = ("diagonal", "dplr")
@@ -51,13 +51,19 @@ class SaShiMiConfig:
 
     def __post_init__(self):
         object.__setattr__(self, "pool", tuple(self.pool))
-        choices = {"quantization": QUANTIZATIONS, "kernel": KERNELS, "init": INITS,
-                   "disc": tuple(DISCRETIZATIONS)}
+        choices = {
+            "quantization": QUANTIZATIONS,
+            "kernel": KERNELS,
+            "init": INITS,
+            "disc": tuple(DISCRETIZATIONS),
+        }
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
         if self.kernel == "dplr" and self.disc != "bilinear":
-            raise ValueError('kernel="dplr" needs disc="bilinear" (its kernel is the bilinear transform)')
+            raise ValueError(
+                'kernel="dplr" needs disc="bilinear" (its kernel is the bilinear transform)'
+            )
         positive = ("n_classes", "sample_rate", "d_model", "n_layers", "expand", "ff", "d_state")
         for name in positive:
             if getattr(self, name) < 1:
@@ -123,7 +129,9 @@ def nll_bits(logits: Tensor, targets: Tensor, reduction: str = "mean") -> Tensor
 
     logits (B, L, n_classes), targets (B, L). "mean" -> scalar over scored samples; "none" -> (B, L).
     """
-    nats = F.cross_entropy(logits.transpose(1, 2), targets, ignore_index=IGNORE_INDEX, reduction=reduction)
+    nats = F.cross_entropy(
+        logits.transpose(1, 2), targets, ignore_index=IGNORE_INDEX, reduction=reduction
+    )
     return nats / math.log(2)
 
 
@@ -135,7 +143,9 @@ class FeedForward(nn.Module):
 
     def __init__(self, H: int, ff: int, dropout: float):
         super().__init__()
-        self.net = nn.Sequential(nn.Linear(H, ff * H), nn.GELU(), nn.Dropout(dropout), nn.Linear(ff * H, H))
+        self.net = nn.Sequential(
+            nn.Linear(H, ff * H), nn.GELU(), nn.Dropout(dropout), nn.Linear(ff * H, H)
+        )
 
     def forward(self, x: Tensor) -> Tensor:
         return self.net(x)
@@ -158,9 +168,11 @@ class Residual(nn.Module):
 class BlockStep:
     """One [Residual(S4), Residual(FeedForward)] pair as plain tensors, for the in-place `step_`.
 
-    Reading weights from tensors instead of calling the modules skips nn.Module call overhead, which
-    dominates a step at these sizes: about 2x the steps/s for sc09 at batch 1 on CPU
-    (benchmarks/bench_generation.py). Built from the current weights whenever a state is made.
+    At one sample per call the step is bound by per-call overhead, not arithmetic. Reading weights
+    from tensors skips nn.Module calls; with the state written in place and the SSM on real pairs
+    (DiagonalStep.step_), sc09 makes 1.6x (batch 1) to 3.6x (batch 64) the steps/s of the
+    functional step on CPU (benchmarks/bench_generation.py). Built from the current weights
+    whenever a state is made.
     """
 
     ssm: DiagonalStep | DPLRStep  # discrete SSM parameters (the functional step uses these too)
@@ -177,9 +189,15 @@ class BlockStep:
             return module.weight.detach(), module.bias.detach()
 
         ff_in, ff_out = ff_block.layer.net[0], ff_block.layer.net[-1]
-        return BlockStep(s4_block.layer.step_parameters(), s4_block.norm.eps, weights(s4_block.norm),
-                         weights(s4_block.layer.output_linear), weights(ff_block.norm), weights(ff_in),
-                         weights(ff_out))
+        return BlockStep(
+            s4_block.layer.step_parameters(),
+            s4_block.norm.eps,
+            weights(s4_block.norm),
+            weights(s4_block.layer.output_linear),
+            weights(ff_block.norm),
+            weights(ff_in),
+            weights(ff_out),
+        )
 
     def step_(self, h: Tensor, x: Tensor) -> Tensor:
         """h (batch, H) -> (batch, H), updating this pair's SSM state x in place (inference: no dropout).
@@ -200,42 +218,66 @@ class StackState:
     x: tuple[Tensor, ...]  # per S4 layer: (batch, H, N/2) complex
     blocks: tuple[BlockStep, ...]
 
+    def for_batch(self, batch: int) -> "StackState":
+        return StackState(tuple(_repeat_clip(x, batch) for x in self.x), self.blocks)
+
+
+def _repeat_clip(t: Tensor, batch: int) -> Tensor:
+    """(1, ...) -> (batch, ...), a copy of its own: step_ writes into it."""
+    return t.expand(batch, *t.shape[1:]).clone()
+
 
 class Stack(nn.Module):
     """n_layers x [Residual(S4), Residual(FeedForward)] at width H: (batch, L, H) -> (batch, L, H)."""
 
     def __init__(self, H: int, cfg: SaShiMiConfig):
         super().__init__()
-        s4 = dict(N=cfg.d_state, kernel=cfg.kernel, init=cfg.init, disc=cfg.disc,
-                  dt_min=cfg.dt_min, dt_max=cfg.dt_max, dropout=cfg.dropout)
-        self.s4_blocks = nn.ModuleList(Residual(H, S4(H, **s4), cfg.dropout) for _ in range(cfg.n_layers))
+        s4 = dict(
+            N=cfg.d_state,
+            kernel=cfg.kernel,
+            init=cfg.init,
+            disc=cfg.disc,
+            dt_min=cfg.dt_min,
+            dt_max=cfg.dt_max,
+            dropout=cfg.dropout,
+        )
+        self.s4_blocks = nn.ModuleList(
+            Residual(H, S4(H, **s4), cfg.dropout) for _ in range(cfg.n_layers)
+        )
         self.ff_blocks = nn.ModuleList(
-            Residual(H, FeedForward(H, cfg.ff, cfg.dropout), cfg.dropout) for _ in range(cfg.n_layers)
+            Residual(H, FeedForward(H, cfg.ff, cfg.dropout), cfg.dropout)
+            for _ in range(cfg.n_layers)
         )
 
     def forward(self, x: Tensor) -> Tensor:
-        for s4_block, ff_block in zip(self.s4_blocks, self.ff_blocks):
+        for s4_block, ff_block in zip(self.s4_blocks, self.ff_blocks, strict=True):
             x = ff_block(s4_block(x))
         return x
 
     def forward_with_state(self, x: Tensor) -> tuple[Tensor, StackState]:
         """forward, plus the state that stepping through x would leave (for priming generation)."""
         states = []
-        for s4_block, ff_block in zip(self.s4_blocks, self.ff_blocks):
+        for s4_block, ff_block in zip(self.s4_blocks, self.ff_blocks, strict=True):
             states.append(s4_block.layer.final_state(s4_block.norm(x)))
             x = ff_block(s4_block(x))
         return x, StackState(tuple(states), self._block_steps())
 
     def _block_steps(self) -> tuple[BlockStep, ...]:
-        return tuple(BlockStep.of(s4, ff) for s4, ff in zip(self.s4_blocks, self.ff_blocks))
+        return tuple(
+            BlockStep.of(s4, ff) for s4, ff in zip(self.s4_blocks, self.ff_blocks, strict=True)
+        )
 
     def initial_state(self, batch: int) -> StackState:
-        return StackState(tuple(b.layer.initial_state(batch) for b in self.s4_blocks), self._block_steps())
+        return StackState(
+            tuple(b.layer.initial_state(batch) for b in self.s4_blocks), self._block_steps()
+        )
 
     def step(self, x: Tensor, state: StackState) -> tuple[Tensor, StackState]:
         """One step: x (batch, H) -> (batch, H)."""
         new_x = []
-        for s4_block, ff_block, ssm_x, block in zip(self.s4_blocks, self.ff_blocks, state.x, state.blocks):
+        for s4_block, ff_block, ssm_x, block in zip(
+            self.s4_blocks, self.ff_blocks, state.x, state.blocks, strict=True
+        ):
             y, ssm_x = s4_block.layer.step(s4_block.norm(x), ssm_x, block.ssm)
             x = ff_block(x + s4_block.dropout(y))
             new_x.append(ssm_x)
@@ -244,7 +286,7 @@ class Stack(nn.Module):
     @staticmethod
     def step_(x: Tensor, state: StackState) -> Tensor:
         """As step, updating state.x in place: x (batch, H) -> (batch, H)."""
-        for ssm_x, block in zip(state.x, state.blocks):
+        for ssm_x, block in zip(state.x, state.blocks, strict=True):
             x = block.step_(x, ssm_x)
         return x
 
@@ -302,6 +344,12 @@ class TierState:
     upsampled: Tensor  # (batch, p, H)
     stack: StackState
 
+    def for_batch(self, batch: int) -> "TierState":
+        pending = tuple(_repeat_clip(x, batch) for x in self.pending)
+        return TierState(
+            self.position, pending, _repeat_clip(self.upsampled, batch), self.stack.for_batch(batch)
+        )
+
 
 @dataclass(frozen=True)
 class SaShiMiState:
@@ -309,6 +357,13 @@ class SaShiMiState:
 
     tiers: tuple[TierState, ...]
     center: StackState
+
+    def for_batch(self, batch: int) -> "SaShiMiState":
+        """This state of one clip as the state of `batch` identical clips (e.g. one prompt read
+        once by prime, then continued in several ways)."""
+        return SaShiMiState(
+            tuple(t.for_batch(batch) for t in self.tiers), self.center.for_batch(batch)
+        )
 
 
 # --- the network ---------------------------------------------------------------------------------
@@ -320,9 +375,13 @@ class SaShiMi(nn.Module):
         self.config = cfg = config
         widths = [cfg.d_model * cfg.expand**i for i in range(len(cfg.pool) + 1)]  # H of each tier
         self.embedding = nn.Embedding(cfg.n_classes, widths[0])
-        self.down_pools = nn.ModuleList(DownPool(H, p, cfg.expand) for H, p in zip(widths, cfg.pool))
+        self.down_pools = nn.ModuleList(
+            DownPool(H, p, cfg.expand) for H, p in zip(widths, cfg.pool, strict=False)
+        )
         self.center = Stack(widths[-1], cfg)
-        self.up_pools = nn.ModuleList(UpPool(H, p, cfg.expand) for H, p in zip(widths, cfg.pool))
+        self.up_pools = nn.ModuleList(
+            UpPool(H, p, cfg.expand) for H, p in zip(widths, cfg.pool, strict=False)
+        )
         self.up_stacks = nn.ModuleList(Stack(H, cfg) for H in widths[:-1])
         self.norm = nn.LayerNorm(widths[0])
         self.head = nn.Linear(widths[0], cfg.n_classes)
@@ -334,7 +393,12 @@ class SaShiMi(nn.Module):
 
     def ssm_parameters(self) -> list[nn.Parameter]:
         """dt, A, B (and P): trained with a smaller learning rate and no weight decay, as in S4."""
-        return [p for module in self.modules() if isinstance(module, S4) for p in module.ssm_parameters()]
+        return [
+            p
+            for module in self.modules()
+            if isinstance(module, S4)
+            for p in module.ssm_parameters()
+        ]
 
     def _check_length(self, L: int) -> None:
         q = self.config.total_pool
@@ -364,7 +428,9 @@ class SaShiMi(nn.Module):
         y, center = run(self.center, x)
         x = x + y
         tiers = []
-        for up, stack, skip in zip(self.up_pools[::-1], self.up_stacks[::-1], skips[::-1]):
+        for up, stack, skip in zip(
+            self.up_pools[::-1], self.up_stacks[::-1], skips[::-1], strict=True
+        ):
             upsampled = up.project(x[:, -1])  # what the group after the last one reads
             x = up(x) + skip
             y, stack_state = run(stack, x)
@@ -379,9 +445,11 @@ class SaShiMi(nn.Module):
     def initial_state(self, batch: int) -> SaShiMiState:
         """The state before the first sample, with each S4 layer's discrete parameters precomputed."""
         tiers = []
-        for up, stack in zip(self.up_pools, self.up_stacks):
+        for up, stack in zip(self.up_pools, self.up_stacks, strict=True):
             H = up.linear.out_features // up.p
-            zeros = torch.zeros(batch, up.p, H, device=self.head.weight.device, dtype=self.head.weight.dtype)
+            zeros = torch.zeros(
+                batch, up.p, H, device=self.head.weight.device, dtype=self.head.weight.dtype
+            )
             tiers.append(TierState(0, (), zeros, stack.initial_state(batch)))
         return SaShiMiState(tuple(tiers), self.center.initial_state(batch))
 
@@ -414,7 +482,8 @@ class SaShiMi(nn.Module):
         """As step, for generation: updates `state` in place and returns the logits (batch, n_classes).
 
         The same multi-rate schedule, with the S4/feed-forward pairs run from plain tensors
-        (BlockStep.step_) and the SSM states overwritten. Inference only (no dropout, no autograd);
+        (BlockStep.step_). Every state tensor is overwritten where it is, so its address never
+        changes, as a CUDA graph replaying steps needs. Inference only (no dropout, no autograd);
         use it on a state you own, e.g. fresh from initial_state or prime.
         """
         return self.head(self.norm(self._step_tier_(0, self.embedding(token), state)))
@@ -431,7 +500,7 @@ class SaShiMi(nn.Module):
         tier.pending += (x,)
         if len(tier.pending) == p:  # group complete: pool it and step the inner tier once
             inner = self.down_pools[i].linear(torch.cat(tier.pending, dim=-1))
-            tier.upsampled = self.up_pools[i].project(self._step_tier_(i + 1, inner, state))
+            tier.upsampled.copy_(self.up_pools[i].project(self._step_tier_(i + 1, inner, state)))
             tier.pending = ()
         return h + y
 

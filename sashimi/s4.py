@@ -49,7 +49,9 @@ def hippo_legs_nplr(N: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     S = A + P[:, None] * P[None, :] + 0.5 * torch.eye(N, dtype=torch.float64)  # skew-symmetric
     omega, V = torch.linalg.eigh(-1j * S.to(torch.complex128))  # S = V diag(i omega) V^H
     keep = omega > 0  # one of each conjugate pair
-    assert int(keep.sum()) == N // 2, f"expected {N // 2} positive frequencies, got {int(keep.sum())}"
+    assert int(keep.sum()) == N // 2, (
+        f"expected {N // 2} positive frequencies, got {int(keep.sum())}"
+    )
     V = V[:, keep]
     Lambda = -0.5 + 1j * omega[keep]
     return Lambda, V.mH @ P.to(V.dtype), V.mH @ B.to(V.dtype), V
@@ -100,7 +102,9 @@ def dplr_dense(Lambda: Tensor, P: Tensor) -> Tensor:
     return torch.diag_embed(Lambda_full) - P_full[..., :, None] * P_full[..., None, :].conj()
 
 
-def discretize_dplr_dense(Lambda: Tensor, P: Tensor, B: Tensor, dt: Tensor) -> tuple[Tensor, Tensor]:
+def discretize_dplr_dense(
+    Lambda: Tensor, P: Tensor, B: Tensor, dt: Tensor
+) -> tuple[Tensor, Tensor]:
     """Bilinear discretisation of A = diag(Lambda) - P P^H as dense matrices over all N modes.
 
         A_bar = M^-1 (I + dt/2 A),  B_bar = M^-1 dt B,  M = I - dt/2 A = E^-1 + (dt/2) P P^H,
@@ -118,7 +122,10 @@ def discretize_dplr_dense(Lambda: Tensor, P: Tensor, B: Tensor, dt: Tensor) -> t
     scale = half / (1 + half * (P.conj() * EP).sum(-1, keepdim=True))  # (H, 1)
     M_inv = torch.diag_embed(E) - scale[..., None] * EP[..., :, None] * (P.conj() * E)[..., None, :]
     M_inv_P = (M_inv @ P[:, None])[..., 0]  # (H, N)
-    A_bar = M_inv * (1 + half * Lambda)[..., None, :] - half[..., None] * M_inv_P[..., :, None] * P.conj()
+    A_bar = (
+        M_inv * (1 + half * Lambda)[..., None, :]
+        - half[..., None] * M_inv_P[..., :, None] * P.conj()
+    )
     B_bar = (M_inv @ (2 * half * B)[..., None])[..., 0]
     return A_bar, B_bar
 
@@ -168,7 +175,9 @@ def kernel_diagonal(C: Tensor, A_bar: Tensor, B_bar: Tensor, L: int) -> Tensor:
     return 2 * K.flatten(-2)[..., :L].real
 
 
-def cauchy_woodbury(Lambda: Tensor, P: Tensor, B: Tensor, C_tilde: Tensor, dt: Tensor, z: Tensor) -> Tensor:
+def cauchy_woodbury(
+    Lambda: Tensor, P: Tensor, B: Tensor, C_tilde: Tensor, dt: Tensor, z: Tensor
+) -> Tensor:
     """Transfer function of the bilinear-discretised DPLR system at points z on the unit circle:
 
         K_hat(z) = C_tilde (I - A_bar z)^-1 B_bar = 2 C_tilde [(2/dt)(1 - z) I - (1 + z) A]^-1 B
@@ -191,7 +200,9 @@ def cauchy_woodbury(Lambda: Tensor, P: Tensor, B: Tensor, C_tilde: Tensor, dt: T
     numerators = torch.stack(  # (H, 4, N): rows k00, k01, k10, k11
         torch.broadcast_tensors(C_tilde * B, C_tilde * P, P.conj() * B, P.conj() * P), dim=-2
     )
-    d = (2 / dt[:, None, None]) * (1 - z)[None, None, :] - (1 + z)[None, None, :] * Lambda[..., :, None]
+    d = (2 / dt[:, None, None]) * (1 - z)[None, None, :] - (1 + z)[None, None, :] * Lambda[
+        ..., :, None
+    ]
     k00, k01, k10, k11 = (numerators @ (1 / d)).unbind(-2)  # Cauchy sums: (H, 4, N) @ (H, N, F)
     return 2 * (k00 - (1 + z) * k01 * k10 / (1 + (1 + z) * k11))
 
@@ -260,7 +271,9 @@ def final_state_dense(A_bar: Tensor, B_bar: Tensor, u: Tensor) -> Tensor:
     for _ in range(c - 1):
         powers.append((A_bar @ powers[-1][..., None])[..., 0])
     G = torch.stack(powers[::-1], -2)  # (H, c, N): row j holds A_bar^(c-1-j) B_bar
-    u_chunks = F.pad(u, (m * c - L, 0)).view(batch, H, m, c).to(G.dtype)  # zeros first: state stays 0
+    u_chunks = (
+        F.pad(u, (m * c - L, 0)).view(batch, H, m, c).to(G.dtype)
+    )  # zeros first: state stays 0
     chunk_states = torch.einsum("bhij,hjn->bhin", u_chunks, G)
     A_bar_c = torch.linalg.matrix_power(A_bar, c)
     x = torch.zeros(batch, H, A_bar.shape[-1], dtype=G.dtype, device=G.device)
@@ -287,7 +300,9 @@ class DiagonalStep:
 
     def __post_init__(self):
         object.__setattr__(self, "B_bar_pairs", torch.view_as_real(self.B_bar))
-        object.__setattr__(self, "C_row", 2 * torch.view_as_real(self.C.conj().resolve_conj()).flatten(-2))
+        object.__setattr__(
+            self, "C_row", 2 * torch.view_as_real(self.C.conj().resolve_conj()).flatten(-2)
+        )
 
     def __call__(self, u: Tensor, x: Tensor) -> tuple[Tensor, Tensor]:
         """x_k = A_bar x_{k-1} + B_bar u_k,  y_k = 2 Re(C x_k) + D u_k.   u (batch, H), x (batch, H, N/2)."""
@@ -414,7 +429,9 @@ class S4(nn.Module):
         return F.glu(self.output_linear(self.dropout(F.gelu(y))), dim=-1)
 
     def forward(self, u: Tensor) -> Tensor:
-        y = causal_conv(u.transpose(1, 2), self.kernel(u.shape[1])).transpose(1, 2)  # FFT wants L last
+        y = causal_conv(u.transpose(1, 2), self.kernel(u.shape[1])).transpose(
+            1, 2
+        )  # FFT wants L last
         return self._ssm_to_output(y + self.D * u)
 
     def step_parameters(self) -> DiagonalStep | DPLRStep:
@@ -429,7 +446,9 @@ class S4(nn.Module):
         half_dt = (dt / 2)[:, None]
         E = 1 / (1 - half_dt * Lambda)
         PEP = 2 * (P.conj() * E * P).sum(-1, keepdim=True).real  # P^H E P over all N modes
-        return DPLRStep(Lambda, P, dt[:, None] * B, half_dt, E, E * P * half_dt / (1 + half_dt * PEP), C, self.D)
+        return DPLRStep(
+            Lambda, P, dt[:, None] * B, half_dt, E, E * P * half_dt / (1 + half_dt * PEP), C, self.D
+        )
 
     def initial_state(self, batch: int) -> Tensor:
         """x = 0: (batch, H, N/2) complex, on the layer's device."""

@@ -1,0 +1,403 @@
+"""The sampling engine: one code path for `python -m sashimi.render`, the web UI and training.
+
+A model trained in convolution mode generates as an RNN, in constant time and memory per sample:
+
+    logits, state = model.prime([start] + prompt)   # no prompt: step_(start, initial_state(B))
+    repeat:  token ~ softmax(logits / T) cut by top-k / top-p;   logits = model.step_(token, state)
+
+`SaShiMi.step_` runs the outer tier every sample and tier i every prod(pool[:i]) samples, from
+discrete parameters computed once in the state, overwriting the state in place.
+
+Sampling is Gumbel-max: argmax(logits / T + g), with g = -log(-log U) for U uniform on (0, 1), is a
+draw from softmax(logits / T). The noise is drawn ahead in blocks, clip r of a batch from its own
+torch.Generator seeded `seed + r`: the same seed gives the same clip whatever the batch around it
+(up to float round-off, which can differ between batch sizes), and no generator call sits in the
+per-sample loop, so a CUDA graph can replay it.
+"""
+
+import contextlib
+import logging
+import math
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+from tqdm import tqdm
+
+from .audio import decode, encode
+from .checkpoint import DEFAULT_CHECKPOINT, is_checkpoint, load_checkpoint
+from .model import IGNORE_INDEX, SaShiMi, SaShiMiState, nll_bits
+
+log = logging.getLogger(__name__)
+
+CHUNK_SECONDS = 0.25  # default length of the pieces `stream` yields
+GREEDY_TEMPERATURE = 1e-4  # at or below this temperature, sampling is the argmax
+
+
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    """The device to run on: "auto" is CUDA when present, else the CPU. The only place that
+    picks a device; a CUDA device asked for on a machine without one is a ValueError."""
+    if str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(device)
+    except RuntimeError as error:
+        raise ValueError(f"device must be auto, cpu or cuda[:N], got {device!r}") from error
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(
+            f"device {str(device)!r} asked for, but torch sees no CUDA GPU; use cpu or auto"
+        )
+    return device
+
+
+def check_sampling(
+    num_samples: int,
+    *,
+    batch_size: int = 1,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    top_k: int = 0,
+    chunk_size: int | None = None,
+) -> None:
+    """Raise ValueError, naming the value and the accepted range, for unusable arguments."""
+    if num_samples < 0:
+        raise ValueError(f"num_samples must be 0 or more, got {num_samples}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+    if not temperature >= 0 or math.isinf(temperature):  # also rejects NaN
+        raise ValueError(
+            f"temperature must be a finite number >= 0 (0 = greedy), got {temperature}"
+        )
+    if not 0 < top_p <= 1:
+        raise ValueError(f"top_p must be in (0, 1] (1 = off), got {top_p}")
+    if top_k < 0:
+        raise ValueError(f"top_k must be 0 (off) or a positive number of classes, got {top_k}")
+    if chunk_size is not None and chunk_size < 1:
+        raise ValueError(f"chunk_size must be at least 1 sample, got {chunk_size}")
+
+
+class Sampler:
+    """Draws the next class of each clip: temperature, top-k, top-p (nucleus), then a draw.
+
+    Noise comes in blocks from `draw_noise(k)`, one torch.Generator per clip; __call__(logits, j)
+    uses block column j. Greedy (temperature <= GREEDY_TEMPERATURE) takes the argmax and no noise.
+    """
+
+    def __init__(
+        self,
+        batch: int,
+        n_classes: int,
+        block: int,
+        device: torch.device,
+        seed: int,
+        temperature: float = 1.0,
+        top_k: int = 0,
+        top_p: float = 1.0,
+    ):
+        self.greedy = temperature <= GREEDY_TEMPERATURE
+        self.inverse_temperature = 1.0 / max(temperature, GREEDY_TEMPERATURE)
+        self.top_k = top_k if 0 < top_k < n_classes else 0  # k >= n_classes keeps every class
+        self.top_p = top_p
+        self.generators = [torch.Generator(device).manual_seed(seed + r) for r in range(batch)]
+        self.noise = torch.empty(batch, block, n_classes, device=device)  # Gumbel noise g
+
+    def draw_noise(self, k: int) -> None:
+        """Fill columns [0, k) of the noise block: per clip, k x n_classes uniforms -> Gumbel."""
+        if self.greedy:
+            return
+        for row, generator in zip(self.noise, self.generators, strict=True):
+            torch.rand(row[:k].shape, generator=generator, out=row[:k])
+        g = self.noise[:, :k]
+        g.log_().neg_().log_().neg_()  # g = -log(-log U); U = 0 gives -inf: never drawn
+
+    def __call__(self, logits: Tensor, j: int) -> Tensor:
+        """logits (batch, n_classes) -> classes (batch,) long, using noise column j."""
+        if self.greedy:
+            return logits.argmax(-1)
+        if self.top_k:
+            kth_largest = logits.topk(self.top_k, dim=-1).values[:, -1:]
+            logits = logits.masked_fill(logits < kth_largest, -math.inf)
+        if self.top_p < 1:
+            logits = self._nucleus(logits)
+        # g + logits / T in one op: the scale is a Python float, so no tensor is made for it
+        return torch.add(self.noise[:, j], logits, alpha=self.inverse_temperature).argmax(-1)
+
+    def _nucleus(self, logits: Tensor) -> Tensor:
+        """Keep the most likely classes until their probability reaches top_p (the first always)."""
+        ordered, order = logits.sort(dim=-1, descending=True)
+        probs = torch.softmax(ordered * self.inverse_temperature, dim=-1)
+        mass_before = probs.cumsum(-1) - probs
+        ordered = ordered.masked_fill(mass_before >= self.top_p, -math.inf)
+        return torch.empty_like(logits).scatter_(-1, order, ordered)
+
+
+@contextlib.contextmanager
+def fast_step_settings(device: torch.device):
+    """Inference mode, plus on the CPU the settings that measured fastest for the per-sample step
+    (benchmarks/bench_generation.py, sc09, 2 cores): one thread, since two threads synchronise
+    around every small op (1.5x fewer steps/s at batch 1, 7-25x fewer at batch 16), and no oneDNN,
+    whose GELU on a few hundred floats costs 10-25 us against 3-4 us (1.2x the steps/s at batch 1
+    without it). Both settings are process-wide, so they are restored on exit."""
+    with torch.inference_mode():
+        if device.type != "cpu":
+            yield
+            return
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:  # None leaves oneDNN's other flags alone (setting them prints a warning)
+            with torch.backends.mkldnn.flags(
+                enabled=False, deterministic=None, allow_tf32=None, fp32_precision=None
+            ):
+                yield
+        finally:
+            torch.set_num_threads(threads)
+
+
+class Generator:
+    """Samples audio from a SaShiMi model: batched, seeded, primed from a prompt, streamed.
+
+    The model is moved to `device` and put in eval mode (in place, as nn.Module.to does).
+    """
+
+    def __init__(
+        self, model: SaShiMi, device: str | torch.device = "auto", metadata: dict | None = None
+    ):
+        self.device = resolve_device(device)
+        self.model = model.to(self.device).eval()
+        self.config = model.config
+        self.sample_rate = self.config.sample_rate
+        self.metadata = metadata if metadata is not None else {}
+
+    @classmethod
+    def from_checkpoint(
+        cls, directory: str | Path = DEFAULT_CHECKPOINT, device: str | torch.device = "auto"
+    ) -> "Generator":
+        directory = Path(directory)
+        if directory == DEFAULT_CHECKPOINT and not is_checkpoint(directory):
+            raise FileNotFoundError(
+                f"no checkpoint at the default place {directory}; pass a checkpoint folder, "
+                "e.g. one written by `python -m train` (runs/NAME/best)"
+            )
+        device = resolve_device(device)
+        model, metadata = load_checkpoint(directory, device=device)
+        return cls(model, device, metadata)
+
+    # --- priming ---------------------------------------------------------------------------------
+
+    def prompt_tokens(self, prompt: np.ndarray) -> Tensor:
+        """Mono float audio at the model's rate -> its classes (T,) on the device."""
+        prompt = np.asarray(prompt)
+        if prompt.ndim != 1 or prompt.size == 0:
+            raise ValueError(
+                f"prompt must be mono audio with shape (samples,), got shape {prompt.shape}"
+            )
+        if not np.isfinite(prompt).all():
+            raise ValueError("prompt holds non-finite samples (NaN or inf)")
+        audio = torch.as_tensor(prompt, dtype=torch.float32, device=self.device)
+        return encode(audio, self.config.quantization, self.config.n_classes)
+
+    def start(
+        self, batch_size: int, prompt: np.ndarray | None = None
+    ) -> tuple[Tensor, SaShiMiState]:
+        """The logits for the first new sample (batch, n_classes) and the state to step on from.
+
+        No prompt: one step on the start token. A prompt: one parallel pass over [start] + prompt
+        (model.prime) for one clip, its state then copied to each clip of the batch; the first new
+        sample is the one right after the prompt's last.
+        """
+        with fast_step_settings(self.device):
+            if prompt is None:
+                state = self.model.initial_state(batch_size)
+                start = torch.full((batch_size,), self.model.start_token, device=self.device)
+                return self.model.step_(start, state), state
+            start = torch.tensor([self.model.start_token], device=self.device)
+            logits, state = self.model.prime(torch.cat([start, self.prompt_tokens(prompt)])[None])
+            return logits[:, -1].expand(batch_size, -1), state.for_batch(batch_size)
+
+    # --- generation ------------------------------------------------------------------------------
+
+    def stream(
+        self,
+        num_samples: int,
+        *,
+        batch_size: int = 1,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        top_k: int = 0,
+        seed: int = 0,
+        prompt: np.ndarray | None = None,
+        chunk_size: int | None = None,
+        show_progress: bool = True,
+        progress: Callable[[int, int], None] | None = None,
+    ) -> Iterator[np.ndarray]:
+        """Yield new audio, float32 (batch_size, n) in [-1, 1], chunk by chunk, num_samples in all.
+
+        chunk_size defaults to CHUNK_SECONDS of audio. A prompt (mono float audio at the model's
+        rate) is read first and not repeated in the output. progress(done, total) is called after
+        each chunk. Memory stays constant however many samples are asked for.
+        """
+        check_sampling(
+            num_samples,
+            batch_size=batch_size,
+            temperature=temperature,
+            top_p=top_p,
+            top_k=top_k,
+            chunk_size=chunk_size,
+        )
+        chunk_size = chunk_size or max(1, round(CHUNK_SECONDS * self.sample_rate))
+        period = self.config.total_pool  # the multi-rate schedule repeats every `period` samples
+        logits, state = self.start(batch_size, prompt)
+        sampler = Sampler(
+            batch_size, self.config.n_classes, period, self.device, seed, temperature, top_k, top_p
+        )
+        position = state.tiers[0].position if state.tiers else 0  # samples the model has read
+        graph = (
+            _PeriodGraph(self.model, state, sampler, period) if self.device.type == "cuda" else None
+        )
+        done = 0
+        with tqdm(
+            total=num_samples, unit="sample", disable=not show_progress, file=sys.stderr
+        ) as bar:
+            while done < num_samples:
+                tokens = torch.empty(
+                    batch_size,
+                    min(chunk_size, num_samples - done),
+                    dtype=torch.long,
+                    device=self.device,
+                )
+                with fast_step_settings(self.device):
+                    j = 0
+                    while j < tokens.shape[1]:
+                        # a run ends where the schedule restarts: a full one can be a graph replay
+                        k = min(period - position % period, tokens.shape[1] - j)
+                        sampler.draw_noise(k)
+                        logits = self._run(k, logits, state, sampler, tokens[:, j : j + k], graph)
+                        j, position = j + k, position + k
+                    audio = decode(tokens, self.config.quantization, self.config.n_classes)
+                if not torch.isfinite(logits).all():  # argmax of NaN would go on, as noise
+                    raise FloatingPointError(
+                        f"logits are not finite after {done + tokens.shape[1]} samples; "
+                        "the checkpoint's weights or the state have NaN or inf"
+                    )
+                done += tokens.shape[1]
+                bar.update(tokens.shape[1])
+                if progress is not None:
+                    progress(done, num_samples)
+                yield audio.float().cpu().numpy()
+
+    def generate(self, num_samples: int, **kwargs) -> np.ndarray:
+        """All of `stream` at once: float32 (batch_size, num_samples)."""
+        chunks = list(self.stream(num_samples, **kwargs))
+        if not chunks:
+            return np.zeros((kwargs.get("batch_size", 1), 0), dtype=np.float32)
+        return np.concatenate(chunks, axis=1)
+
+    def _run(
+        self,
+        k: int,
+        logits: Tensor,
+        state: SaShiMiState,
+        sampler: Sampler,
+        out: Tensor,
+        graph: "_PeriodGraph | None",
+    ) -> Tensor:
+        """k steps: draw a class per clip into out[:, j], step on it. Returns the next logits."""
+        if graph is not None and k == graph.period:
+            next_logits = graph.replay(logits, out)
+            if next_logits is not None:
+                return next_logits
+        for j in range(k):
+            token = sampler(logits, j)
+            out[:, j] = token
+            logits = self.model.step_(token, state)
+        return logits
+
+    # --- scoring ---------------------------------------------------------------------------------
+
+    def log_likelihood(self, audio: np.ndarray) -> np.ndarray:
+        """Bits per sample of each clip under the model, (batch,): teacher forcing from the start
+        token in convolution mode, the length padded to a multiple of total_pool, pads ignored.
+
+        audio: float (samples,) or (batch, samples) in [-1, 1] at the model's rate.
+        """
+        audio = np.atleast_2d(np.asarray(audio, dtype=np.float32))
+        if audio.ndim != 2 or audio.shape[1] == 0:
+            raise ValueError(
+                f"audio must have shape (samples,) or (batch, samples), got {audio.shape}"
+            )
+        targets = encode(
+            torch.from_numpy(audio).to(self.device), self.config.quantization, self.config.n_classes
+        )
+        L = audio.shape[1]
+        padded = -(-L // self.config.total_pool) * self.config.total_pool
+        targets = torch.nn.functional.pad(targets, (0, padded - L), value=IGNORE_INDEX)
+        inputs = torch.cat(
+            [torch.full_like(targets[:, :1], self.model.start_token), targets[:, :-1].clamp_min(0)],
+            dim=1,
+        )  # padding inputs: any class does
+        with torch.inference_mode():
+            bits = nll_bits(
+                self.model(inputs), targets, reduction="none"
+            )  # (batch, padded), 0 if ignored
+        return (bits.sum(1) / L).float().cpu().numpy()
+
+
+class _PeriodGraph:
+    """CUDA only: one period of the schedule (total_pool steps with their sampling), captured once
+    as a CUDA graph and replayed, so a period costs one launch instead of thousands of small ones.
+
+    The first full period runs eagerly as a warm-up (it loads the kernels); the second is captured.
+    Capture records the kernels without running them, but it runs the Python side: the tier
+    positions advance by a whole period, which leaves every tier at the phase it had. The graph
+    reads and writes fixed tensors only: its logits and token buffers, the sampler's noise block
+    and the state, which step_ overwrites in place.
+    """
+
+    def __init__(self, model: SaShiMi, state: SaShiMiState, sampler: Sampler, period: int):
+        self.model, self.state, self.sampler, self.period = model, state, sampler, period
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.warmed_up = self.failed = False
+
+    def replay(self, logits: Tensor, out: Tensor) -> Tensor | None:
+        """One period into out (batch, period); the next logits, or None if the caller must step
+        (while warming up, or after a failed capture)."""
+        if self.failed:
+            return None
+        if self.graph is None:
+            if not self.warmed_up:
+                self.warmed_up = True
+                return None
+            self._capture(logits)
+            if self.failed:
+                return None
+        self.logits.copy_(logits)
+        self.graph.replay()
+        out.copy_(self.tokens)
+        return self.logits
+
+    def _capture(self, logits: Tensor) -> None:
+        self.logits = logits.clone()
+        self.tokens = torch.empty(
+            logits.shape[0], self.period, dtype=torch.long, device=logits.device
+        )
+        schedule = [(tier.position, tier.pending) for tier in self.state.tiers]
+        graph = torch.cuda.CUDAGraph()
+        try:
+            torch.cuda.synchronize()
+            with torch.cuda.graph(graph):
+                next_logits = self.logits
+                for j in range(self.period):
+                    token = self.sampler(next_logits, j)
+                    self.tokens[:, j] = token
+                    next_logits = self.model.step_(token, self.state)
+                self.logits.copy_(next_logits)
+        except RuntimeError as error:  # keep generating step by step, and say why
+            log.warning("CUDA graph capture failed; stepping without graphs: %s", error)
+            for tier, (position, pending) in zip(self.state.tiers, schedule, strict=True):
+                tier.position, tier.pending = position, pending
+            self.failed = True
+            return
+        self.graph = graph

@@ -1,0 +1,220 @@
+"""`python -m sashimi.render`: generate clips with a trained model, write them as WAV + PNG files.
+
+Each clip i is written as sample_{i:03d}_seed{seed + i}.wav (16-bit PCM at the model's sample rate)
+with a waveform-and-spectrogram picture beside it. Clip i draws its randomness from seed + i, so
+`--seed 1237 --num 1` draws clip 3 of a `--seed 1234` run again. With --prompt, each file holds the
+prompt followed by its continuation, and the picture marks where the prompt ends.
+stdout gets one JSON line summarising the run; progress goes to stderr.
+"""
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from .audio import load_audio, write_wav
+from .checkpoint import DEFAULT_CHECKPOINT
+from .generate import Generator, check_sampling
+from .plots import save_figure_png, waveform_spectrogram_figure
+
+PROG = "sashimi.render"
+EXAMPLES = """examples:
+  python -m sashimi.render --num 4 --seconds 2 --out samples/
+  python -m sashimi.render --checkpoint runs/piano/best --prompt intro.wav --seconds 10 --out cont/
+"""
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Defaults shown after each flag (unless there is none); the examples kept one per line."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        return action.help if action.default is None else super()._get_help_string(action)
+
+
+class _OneLineErrorParser(argparse.ArgumentParser):
+    """An ArgumentParser whose errors are the single line `sashimi.render: error: ...` (exit 2)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{PROG}: error: {message}\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _OneLineErrorParser(
+        prog="python -m sashimi.render",
+        description="Generate audio clips with a trained SaShiMi model and write them as 16-bit "
+        "WAV files, each with a waveform and spectrogram PNG.",
+        epilog=EXAMPLES,
+        formatter_class=_HelpFormatter,
+    )
+    parser.add_argument(
+        "--checkpoint",
+        metavar="DIR",
+        type=Path,
+        default=DEFAULT_CHECKPOINT,
+        help="checkpoint folder (config.json + model.safetensors)",
+    )
+    parser.add_argument(
+        "--out",
+        metavar="DIR",
+        type=Path,
+        required=True,
+        help="folder for the WAV and PNG files (created if missing)",
+    )
+    parser.add_argument("--num", metavar="N", type=int, default=4, help="number of clips")
+    parser.add_argument(
+        "--seconds",
+        metavar="S",
+        type=float,
+        default=2.0,
+        help="length of each generated clip in seconds (after the prompt, if any)",
+    )
+    parser.add_argument(
+        "--batch-size",
+        metavar="B",
+        type=int,
+        default=4,
+        help="clips generated at once; larger is faster per clip, up to memory",
+    )
+    parser.add_argument(
+        "--temperature",
+        metavar="T",
+        type=float,
+        default=1.0,
+        help="softmax temperature; below 1 is more conservative, 0 is greedy",
+    )
+    parser.add_argument(
+        "--top-p",
+        metavar="P",
+        type=float,
+        default=1.0,
+        help="nucleus sampling: draw only from the most likely classes holding "
+        "this much probability (1 = off)",
+    )
+    parser.add_argument(
+        "--top-k",
+        metavar="K",
+        type=int,
+        default=0,
+        help="draw only from the K most likely classes (0 = off)",
+    )
+    parser.add_argument(
+        "--seed",
+        metavar="K",
+        type=int,
+        default=0,
+        help="random seed of the first clip; clip i uses seed + i",
+    )
+    parser.add_argument(
+        "--prompt",
+        metavar="FILE",
+        type=Path,
+        default=None,
+        help="audio file to continue (any format soundfile reads; resampled to "
+        "the model's rate and mixed to mono)",
+    )
+    parser.add_argument(
+        "--device",
+        choices=("auto", "cuda", "cpu"),
+        default="auto",
+        help="where to run: auto picks CUDA when present, else the CPU",
+    )
+    return parser
+
+
+def check_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Reject values argparse's types let through, with the fix in the message."""
+    if not args.seconds > 0:
+        parser.error(f"--seconds must be positive, got {args.seconds}")
+    if args.num < 1:
+        parser.error(f"--num must be at least 1, got {args.num}")
+    if args.batch_size < 1:
+        parser.error(f"--batch-size must be at least 1, got {args.batch_size}")
+    if args.out.exists() and not args.out.is_dir():
+        parser.error(f"--out {args.out} is a file; pass a folder (it is created if missing)")
+
+
+def write_clip(
+    folder: Path,
+    stem: str,
+    audio: np.ndarray,
+    sample_rate: int,
+    prompt_end: float | None,
+    title: str,
+) -> tuple[Path, Path]:
+    """stem.wav (16-bit PCM) and stem.png (waveform and spectrogram) in folder."""
+    wav = write_wav(folder / f"{stem}.wav", audio, sample_rate)
+    figure = waveform_spectrogram_figure(audio, sample_rate, marker_seconds=prompt_end, title=title)
+    return wav, save_figure_png(figure, folder / f"{stem}.png")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the command line; returns 0 on success, exits 2 with one line on a user error."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    check_arguments(parser, args)
+    try:
+        generator = Generator.from_checkpoint(args.checkpoint, device=args.device)
+        sample_rate = generator.sample_rate
+        prompt = None if args.prompt is None else load_audio(args.prompt, sample_rate)
+        num_samples = round(args.seconds * sample_rate)
+        if num_samples < 1:
+            raise ValueError(
+                f"--seconds {args.seconds} is less than one sample at {sample_rate} Hz"
+            )
+        sampling = dict(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k)
+        check_sampling(num_samples, batch_size=args.batch_size, **sampling)
+    except (FileNotFoundError, ValueError) as error:
+        parser.error(str(error))
+
+    prompt_end = None if prompt is None else len(prompt) / sample_rate  # seconds
+    files, pictures = [], []
+    generating = 0.0  # seconds spent sampling, without the file writing
+    started = time.perf_counter()
+    with tqdm(total=args.num * num_samples, unit="sample", unit_scale=True, file=sys.stderr) as bar:
+        for first in range(0, args.num, args.batch_size):
+            batch = min(args.batch_size, args.num - first)
+            chunks, batch_started = [], time.perf_counter()
+            for chunk in generator.stream(
+                num_samples,
+                batch_size=batch,
+                seed=args.seed + first,
+                prompt=prompt,
+                show_progress=False,
+                **sampling,
+            ):
+                chunks.append(chunk)
+                bar.update(chunk.size)
+            generating += time.perf_counter() - batch_started
+            for index, clip in enumerate(np.concatenate(chunks, axis=1), start=first):
+                audio = clip if prompt is None else np.concatenate([prompt, clip])
+                stem = f"sample_{index:03d}_seed{args.seed + index}"
+                title = f"{stem} ({args.checkpoint.name})"
+                wav, png = write_clip(args.out, stem, audio, sample_rate, prompt_end, title)
+                files.append(str(wav))
+                pictures.append(str(png))
+
+    generated = args.num * num_samples / sample_rate  # seconds of new audio, all clips
+    summary = {
+        "files": files,
+        "spectrograms": pictures,
+        "clips": args.num,
+        "seconds_per_clip": num_samples / sample_rate,
+        "prompt_seconds": prompt_end or 0.0,
+        "audio_seconds": generated,
+        "sample_rate": sample_rate,
+        "wall_seconds": round(time.perf_counter() - started, 3),
+        "generation_seconds": round(generating, 3),
+        "real_time_factor": round(generated / generating, 4),  # > 1: faster than real time
+        "device": str(generator.device),
+        "checkpoint": str(args.checkpoint),
+    }
+    print(json.dumps(summary))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
