@@ -98,6 +98,7 @@ def write_wav(path: str | Path, audio: np.ndarray, sample_rate: int) -> Path:
     """Write mono float audio in [-1, 1] as a 16-bit PCM WAV file; returns the path."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    sf.write(path, np.clip(np.asarray(audio, dtype=np.float32), -1.0, 1.0), sample_rate,
-             subtype="PCM_16")
+    sf.write(
+        path, np.clip(np.asarray(audio, dtype=np.float32), -1.0, 1.0), sample_rate, subtype="PCM_16"
+    )
     return path

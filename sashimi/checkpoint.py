@@ -69,7 +69,9 @@ def read_metadata(directory: str | Path) -> dict:
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
-def load_checkpoint(directory: str | Path, device: str | torch.device = "cpu") -> tuple[SaShiMi, dict]:
+def load_checkpoint(
+    directory: str | Path, device: str | torch.device = "cpu"
+) -> tuple[SaShiMi, dict]:
     """Rebuild the model from a checkpoint folder; returns (model in eval mode, metadata)."""
     directory = Path(directory)
     if not directory.is_dir():
@@ -87,7 +89,9 @@ def load_checkpoint(directory: str | Path, device: str | torch.device = "cpu") -
     try:
         weights = load_file(str(directory / WEIGHTS_FILE), device="cpu")
     except SafetensorError as error:
-        raise ValueError(f"{directory / WEIGHTS_FILE} is not a safetensors file: {error}") from error
+        raise ValueError(
+            f"{directory / WEIGHTS_FILE} is not a safetensors file: {error}"
+        ) from error
     missing, unexpected = model.load_state_dict(weights, strict=False)
     if missing or unexpected:
         raise ValueError(

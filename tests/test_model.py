@@ -9,7 +9,10 @@ import torch
 from sashimi import SaShiMi, SaShiMiConfig
 from sashimi.model import IGNORE_INDEX, PRESETS, nll_bits, shift_inputs
 
-KERNELS = {"diagonal": {"kernel": "diagonal", "disc": "zoh"}, "dplr": {"kernel": "dplr", "disc": "bilinear"}}
+KERNELS = {
+    "diagonal": {"kernel": "diagonal", "disc": "zoh"},
+    "dplr": {"kernel": "dplr", "disc": "bilinear"},
+}
 
 
 def build(preset: str, kernel: str, seed: int = 0) -> SaShiMi:
@@ -100,7 +103,9 @@ def test_config_round_trips_through_json(name):
 def test_config_rejects_bad_values_with_the_fix_in_the_message():
     with pytest.raises(ValueError, match="unknown config keys \\['width'\\]; known keys"):
         SaShiMiConfig.from_dict({"width": 3})
-    with pytest.raises(ValueError, match="unknown preset 'big'; known presets: \\['sc09', 'tiny'\\]"):
+    with pytest.raises(
+        ValueError, match="unknown preset 'big'; known presets: \\['sc09', 'tiny'\\]"
+    ):
         SaShiMiConfig.preset("big")
     with pytest.raises(ValueError, match="kernel must be one of"):
         SaShiMiConfig(kernel="fft")

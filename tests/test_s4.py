@@ -34,7 +34,9 @@ def test_hippo_legs_matches_closed_form():
     for n in range(N):
         assert B[n] == pytest.approx(math.sqrt(2 * n + 1))
         for k in range(N):
-            expected = -math.sqrt((2 * n + 1) * (2 * k + 1)) if n > k else -(n + 1) if n == k else 0.0
+            expected = (
+                -math.sqrt((2 * n + 1) * (2 * k + 1)) if n > k else -(n + 1) if n == k else 0.0
+            )
             assert A[n, k].item() == pytest.approx(expected, abs=1e-12)
 
 
@@ -92,7 +94,9 @@ def test_diagonal_discretisation_matches_scipy_cont2discrete(init, method):
     A_bar, B_bar = ours(Lambda, B, torch.tensor([DT], dtype=torch.float64))
     A_r, B_r, C_r = to_real_coordinates(np.diag(full(Lambda)), full(B)[:, None], full(C)[None, :])
     Ad, Bd, Cd, Dd, _ = signal.cont2discrete((A_r, B_r, C_r, [[D]]), DT, method=method)
-    A_bar_r, B_bar_r, _ = to_real_coordinates(np.diag(full(A_bar)), full(B_bar)[:, None], full(C)[None, :])
+    A_bar_r, B_bar_r, _ = to_real_coordinates(
+        np.diag(full(A_bar)), full(B_bar)[:, None], full(C)[None, :]
+    )
     np.testing.assert_allclose(A_bar_r, Ad, rtol=1e-10, atol=1e-12)
     np.testing.assert_allclose(B_bar_r, Bd, rtol=1e-10, atol=1e-12)
     if method == "zoh":  # zoh leaves C and D alone; scipy's bilinear also reshapes C, D (below)
@@ -110,9 +114,13 @@ def test_dplr_discretisation_matches_scipy_cont2discrete():
     Lambda, P, B, C, D = dplr_system()
     dt = torch.tensor([DT], dtype=torch.float64)
     A_bar, B_bar = discretize_dplr_dense(Lambda, P, B, dt)
-    A_r, B_r, C_r = to_real_coordinates(dplr_dense(Lambda, P).numpy(), full(B[None])[:, None], full(C)[None])
+    A_r, B_r, C_r = to_real_coordinates(
+        dplr_dense(Lambda, P).numpy(), full(B[None])[:, None], full(C)[None]
+    )
     Ad, Bd, _, _, _ = signal.cont2discrete((A_r, B_r, C_r, [[D]]), DT, method="bilinear")
-    A_bar_r, B_bar_r, _ = to_real_coordinates(A_bar[0].numpy(), B_bar[0].numpy()[:, None], full(C)[None])
+    A_bar_r, B_bar_r, _ = to_real_coordinates(
+        A_bar[0].numpy(), B_bar[0].numpy()[:, None], full(C)[None]
+    )
     np.testing.assert_allclose(A_bar_r, Ad, rtol=1e-9, atol=1e-11)
     np.testing.assert_allclose(B_bar_r, Bd, rtol=1e-9, atol=1e-11)
 
@@ -161,7 +169,9 @@ def test_dplr_kernel_and_recurrence_match_scipy_dlsim():
     Lambda, P, B, C, D = dplr_system()
     L = 400
     u = np.random.default_rng(0).standard_normal(L)
-    A_r, B_r, C_r = to_real_coordinates(dplr_dense(Lambda, P).numpy(), full(B[None])[:, None], full(C)[None])
+    A_r, B_r, C_r = to_real_coordinates(
+        dplr_dense(Lambda, P).numpy(), full(B[None])[:, None], full(C)[None]
+    )
     y_scipy = scipy_reference_output(A_r, B_r, C_r, D, "bilinear", u)
 
     dt = torch.tensor([DT], dtype=torch.float64)
@@ -192,7 +202,9 @@ def test_dplr_kernel_and_recurrence_match_scipy_dlsim():
 def test_final_state_matches_stepping():
     """The parallel final state (priming) equals the state a sequential loop reaches, both forms."""
     Lambda, B, _, _ = diagonal_system("legs")
-    A_bar, B_bar = discretize_zoh(Lambda.expand(3, -1), B, torch.tensor([0.01, 0.03, 0.1], dtype=torch.float64))
+    A_bar, B_bar = discretize_zoh(
+        Lambda.expand(3, -1), B, torch.tensor([0.01, 0.03, 0.1], dtype=torch.float64)
+    )
     u = torch.randn(2, 3, 77, dtype=torch.float64)
     x = torch.zeros(2, 3, N // 2, dtype=torch.complex128)
     for k in range(u.shape[-1]):
@@ -208,6 +220,8 @@ def test_kernel_keeps_no_length_sized_intermediate_for_backward():
     """The diagonal kernel's autograd graph holds O(N sqrt L) numbers per channel, not O(N L)."""
     layer = S4(4, 64)
     saved = []
-    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
+    with torch.autograd.graph.saved_tensors_hooks(
+        lambda t: saved.append(t.numel()) or t, lambda t: t
+    ):
         layer.kernel(16_384)
     assert max(saved) <= 4 * 16_384  # the (H, L) kernel itself; (H, N/2, L) would be 32x more
