@@ -1,0 +1,263 @@
+"""python -m train: the loop, its run folder, exact resume, kill -9 during saves, and torchrun."""
+
+import csv
+import json
+import logging
+import math
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import soundfile as sf
+import torch
+
+from sashimi.checkpoint import load_checkpoint
+from sashimi.model import SaShiMi, SaShiMiConfig
+from train.__main__ import build_parser, main, resolve
+from train.loop import (
+    TrainConfig,
+    lr_factor,
+    make_optimizer,
+    read_trainer_state,
+    recover_folder,
+    replace_folder,
+    weights_sha1,
+)
+
+REPO = Path(__file__).resolve().parent.parent
+# Fast settings for the tiny preset: 256-sample windows (a multiple of its total pooling 16).
+TINY = "--preset tiny --seq-len 256 --batch-size 2 --warmup 2 --device cpu".split()
+
+
+def state_dict(directory: Path) -> dict:
+    return load_checkpoint(directory)[0].state_dict()
+
+
+def read_metrics(run: Path) -> list[dict]:
+    with open(run / "metrics.csv", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_training_lowers_the_loss_and_writes_the_run_folder(audio_folder, tmp_path, capsys, caplog):
+    run = tmp_path / "run"
+    args = ["--data", str(audio_folder), "--out", str(run), *TINY]
+    args += "--steps 40 --lr 1e-2 --log-every 10 --valid-every 20".split()
+    args += "--num-samples 2 --sample-seconds 0.02".split()
+    with caplog.at_level(logging.WARNING, logger="sashimi.data"):
+        assert main(args) == 0
+
+    skipped = [r.getMessage() for r in caplog.records if r.getMessage().startswith("skipped")]
+    assert len(skipped) == 1 and skipped[0].startswith("skipped 3 of 8 files:")
+    assert "corrupt.wav: not readable as audio" in skipped[0]
+    assert "notes.txt: not an audio file" in skipped[0]
+
+    rows = read_metrics(run)
+    assert [int(r["step"]) for r in rows] == [10, 20, 30, 40]
+    first, last = float(rows[0]["train_bits"]), float(rows[-1]["train_bits"])
+    assert last < first - 1.0, (first, last)  # tones are easy: well over a bit gained in 40 steps
+    assert rows[0]["valid_bits"] == "" and float(rows[1]["valid_bits"]) > 0
+
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["step"] == 40 and summary["run"] == str(run)
+    model, metadata = load_checkpoint(run / "last")
+    assert isinstance(model, SaShiMi) and model.config.sample_rate == 8000  # the files' usual rate
+    assert metadata["step"] == 40 and metadata["seq_len"] == 256
+    assert metadata["n_train_files"] + metadata["n_valid_files"] == 5
+    assert metadata["command"] == "python -m train " + " ".join(args)
+    best = json.loads((run / "best" / "metrics.json").read_text())
+    assert best["valid_bits_per_sample"] == min(
+        float(r["valid_bits"]) for r in rows if r["valid_bits"]
+    )
+    card = (run / "last" / "card.md").read_text()
+    assert str(audio_folder) in card and metadata["command"] in card
+    assert "## Known limitations" in card
+    samples = sorted(p.name for p in (run / "samples").iterdir())
+    assert samples == [
+        "step_000020_0.wav",
+        "step_000020_1.wav",
+        "step_000040_0.wav",
+        "step_000040_1.wav",
+    ]
+    info = sf.info(run / "samples" / samples[0])
+    assert (info.samplerate, info.frames) == (8000, 160)
+    assert (run / "metrics.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    manifest = json.loads((run / "manifest.json").read_text())
+    assert len(manifest["files"]) == 8
+
+    with pytest.raises(SystemExit) as exit_:  # a second run would mix its files with this one's
+        main(args)
+    assert exit_.value.code == 2
+    assert f"{run} already holds a run (last/); pass --resume" in capsys.readouterr().err
+
+
+def test_empty_folder_is_a_clear_error(tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(SystemExit) as exit_:
+        main(["--data", str(tmp_path / "empty"), "--out", str(tmp_path / "run"), *TINY])
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"python -m train: error: no audio files in {tmp_path / 'empty'} "
+        "(searched recursively for .wav .flac .ogg .mp3)"
+    )
+
+
+def test_a_diverging_run_stops_with_a_clear_error(audio_folder, tmp_path, capsys, caplog):
+    # lr 1e30 makes the weights ~1e31 after one step; squares overflow and every step after is NaN.
+    args = ["--data", str(audio_folder), "--out", str(tmp_path / "run"), *TINY]
+    args += "--lr 1e30 --warmup 0 --steps 20 --num-samples 0".split()
+    with caplog.at_level(logging.WARNING, logger="train.loop"):
+        assert main(args) == 1
+    assert sum("step skipped" in r.getMessage() for r in caplog.records) == 5
+    assert "5 steps in a row had a non-finite loss or gradient" in capsys.readouterr().err
+
+
+def test_settings_follow_preset_then_config_file_then_flags(tmp_path):
+    config_file = tmp_path / "config.json"
+    config_file.write_text(
+        json.dumps({"model": {"d_model": 8, "n_layers": 1}, "train": {"steps": 7, "lr": 0.5}})
+    )
+    flags = "--data d --out o --preset tiny --n-layers 3 --lr 0.1".split()
+    args = build_parser().parse_args([*flags, "--config", str(config_file)])
+    config, cfg, rate_from_data = resolve(args)
+    tiny = SaShiMiConfig.preset("tiny")
+    assert (config.d_model, config.n_layers, config.d_state) == (8, 3, tiny.d_state)
+    assert (cfg.steps, cfg.lr, cfg.batch_size) == (7, 0.1, TrainConfig.batch_size)
+    assert rate_from_data
+    args = build_parser().parse_args("--data d --out o --sample-rate 16000".split())
+    config, _, rate_from_data = resolve(args)
+    assert config == SaShiMiConfig.preset("sc09") and not rate_from_data
+
+
+def test_resume_refuses_to_change_the_model(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["--out", str(tmp_path), "--resume", "--d-model", "8"])
+    assert exit_.value.code == 2
+    assert "the model of a resumed run is fixed; drop d_model" in capsys.readouterr().err
+
+
+def test_lr_warms_up_linearly_then_decays_to_zero():
+    cfg = TrainConfig(data="d", out="o", steps=110, warmup=10)
+    assert [lr_factor(s, cfg) for s in (0, 4, 9)] == [0.1, 0.5, 1.0]
+    decay = [lr_factor(s, cfg) for s in range(10, 110)]
+    assert decay[0] == 1.0 and all(a > b for a, b in zip(decay, decay[1:], strict=False))
+    assert lr_factor(60, cfg) == pytest.approx(0.5)  # half way through the cosine
+    assert decay[-1] == pytest.approx(0.0, abs=1e-3)
+
+
+@pytest.mark.parametrize("kernel", ["diagonal", "dplr"])
+def test_ssm_parameters_get_a_small_lr_and_no_weight_decay(kernel):
+    disc = "bilinear" if kernel == "dplr" else "zoh"
+    model = SaShiMi(SaShiMiConfig(d_model=8, n_layers=1, d_state=8, kernel=kernel, disc=disc))
+    optimizer = make_optimizer(model, TrainConfig(data="d", out="o", lr=4e-3, weight_decay=0.1))
+    ssm, rest = optimizer.param_groups
+    names = {id(p): name for name, p in model.named_parameters()}
+    ssm_names = {names[id(p)].rsplit(".", 1)[1] for p in ssm["params"]}
+    expected = {"log_dt", "log_neg_Lambda_real", "Lambda_imag", "B"} | (
+        {"P"} if kernel == "dplr" else set()
+    )
+    assert ssm_names == expected
+    assert (ssm["peak_lr"], ssm["weight_decay"]) == (1e-3, 0.0)
+    assert (rest["peak_lr"], rest["weight_decay"]) == (4e-3, 0.1)
+    assert len(ssm["params"]) + len(rest["params"]) == len(names)
+
+
+def test_kill_during_saves_leaves_a_loadable_last_and_resume_matches_a_straight_run(
+    audio_folder, tmp_path
+):
+    """A run saving at every step is killed with SIGKILL; its last/ must load, and resuming it must
+    end with exactly the weights of a run that was never interrupted. Dropout and gain
+    augmentation are on, so the restored random states matter. conftest.py gives this process and
+    the subprocess one thread each, so both sum in the same order."""
+    args = ["--data", str(audio_folder), *TINY, "--steps", "20"]
+    args += "--dropout 0.1 --gain-augment 6 --valid-every 10 --log-every 5 --num-samples 0".split()
+    killed, straight = tmp_path / "killed", tmp_path / "straight"
+    process = subprocess.Popen(
+        [sys.executable, "-m", "train", *args, "--out", str(killed), "--save-every", "1"],
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    state_file = killed / "last" / "trainer_state.json"
+    deadline = time.monotonic() + 120
+    while process.poll() is None and time.monotonic() < deadline:
+        try:
+            if json.loads(state_file.read_text())["step"] >= 5:
+                break
+        except (FileNotFoundError, json.JSONDecodeError):
+            pass
+        time.sleep(0.005)
+    time.sleep(0.05)  # well inside the saves, which run at every step
+    process.send_signal(signal.SIGKILL)
+    assert process.wait() == -signal.SIGKILL, "the run ended before it could be killed"
+
+    model, metadata = load_checkpoint(killed / "last")
+    _, state = read_trainer_state(killed / "last")
+    assert 5 <= state["step"] == metadata["step"] < 20
+    assert main(["--out", str(killed), "--resume"]) == 0
+    assert main([*args, "--out", str(straight), "--save-every", "20"]) == 0
+    resumed, uninterrupted = state_dict(killed / "last"), state_dict(straight / "last")
+    assert resumed.keys() == uninterrupted.keys()
+    assert all(torch.equal(resumed[k], uninterrupted[k]) for k in resumed)
+    # metrics.csv of the resumed run has each step once, as the uninterrupted one
+    assert [r["step"] for r in read_metrics(killed)] == [r["step"] for r in read_metrics(straight)]
+
+
+def test_a_save_killed_between_its_two_renames_is_recovered(tmp_path):
+    """replace_folder's one window without `last`: the previous save waits in last.old."""
+    last = tmp_path / "last"
+    replace_folder(last, lambda tmp: (tmp.mkdir(), (tmp / "step").write_text("1")))
+    os.replace(last, tmp_path / "last.old")  # the state a kill between the renames leaves
+    (tmp_path / "last.tmp").mkdir()
+    (tmp_path / "last.tmp" / "step").write_text("2")
+    recover_folder(last)
+    assert (last / "step").read_text() == "1"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last"]
+    replace_folder(last, lambda tmp: (tmp.mkdir(), (tmp / "step").write_text("3")))
+    assert (last / "step").read_text() == "3"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last"]
+
+
+def test_torchrun_two_processes_hold_equal_weights(audio_folder, tmp_path):
+    """2 gloo processes with 1 window each train like 1 process with 2 (all windows are full, so
+    averaging the two processes' mean losses is the mean over the batch), and end with the
+    same weights, which rank 0 checks and logs with their sha1."""
+    args = ["--data", str(audio_folder), *TINY, "--steps", "4", "--num-samples", "0"]
+    two = tmp_path / "two"
+    result = subprocess.run(
+        [
+            sys.executable,
+            *"-m torch.distributed.run --standalone --nproc_per_node=2".split(),
+            "-m",
+            "train",
+            *args,
+            "--batch-size",
+            "1",
+            "--out",
+            str(two),
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    match = re.search(r"all 2 processes hold equal weights \(sha1 ([0-9a-f]{40})\)", result.stderr)
+    assert match, result.stderr[-3000:]
+    model, metadata = load_checkpoint(two / "last")
+    assert weights_sha1(model) == match.group(1)
+    assert metadata["world_size"] == 2
+    assert metadata["command"].startswith("torchrun --nproc_per_node=2 -m train ")
+
+    one = tmp_path / "one"
+    assert main([*args, "--batch-size", "2", "--out", str(one)]) == 0
+    single = state_dict(one / "last")
+    for name, value in model.state_dict().items():
+        # float32 sums in another order (the all-reduce); Adam divides by sqrt(v), which magnifies
+        # round-off in small gradients: 2e-6 at most measured over 4 steps
+        assert torch.allclose(value, single[name], rtol=0, atol=1e-5), name
+    assert not math.isnan(metadata["valid_bits_per_sample"])

@@ -1,0 +1,627 @@
+"""The training loop: a folder of audio in; checkpoints, samples and metrics out.
+
+It reads top to bottom, as nanoGPT's train.py does: processes and device, data, model and optimiser
+(or the state of an interrupted run), then the loop (forward, backward, clip, step; every so often
+validate, write samples, save), then a last validation and save. The run directory:
+
+    RUN_DIR/last/           checkpoint + trainer state (resume from here), every save_every steps
+    RUN_DIR/best/           checkpoint with the lowest validation bits per sample so far
+    RUN_DIR/samples/        step_XXXXXX_k.wav, generated at each validation
+    RUN_DIR/metrics.csv     step, train and validation bits per sample, lr, samples/s, elapsed s
+    RUN_DIR/metrics.png     the curves of metrics.csv
+    RUN_DIR/manifest.json   the scanned files of --data (manifest_valid.json for --valid-data)
+
+Under torchrun every process trains on its own share of each batch (DistributedDataParallel);
+only rank 0 validates and writes files.
+"""
+
+import csv
+import dataclasses
+import hashlib
+import json
+import logging
+import math
+import os
+import shutil
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from matplotlib.figure import Figure
+from safetensors.torch import load_file, save_file
+from tqdm import tqdm
+
+from sashimi.audio import write_wav
+from sashimi.checkpoint import atomic_write, load_checkpoint, save_checkpoint
+from sashimi.data import (
+    AudioFolder,
+    cut_windows,
+    encode_windows,
+    make_batch,
+    split_by_file,
+    take_windows,
+)
+from sashimi.evaluate import evaluate_bits
+from sashimi.generate import Generator, resolve_device
+from sashimi.model import SaShiMi, SaShiMiConfig, nll_bits
+from sashimi.plots import save_figure_png
+
+log = logging.getLogger(__name__)
+
+SSM_MAX_LR = 1e-3  # S4's dt, A, B (and P) train at most this fast, without weight decay (S4 paper)
+MAX_NONFINITE_STEPS = 5  # consecutive steps with a non-finite loss or gradient before giving up
+TRAINER_STATE = "trainer_state"  # .safetensors (tensors) + .json (scalars), only in last/
+METRICS_COLUMNS = ("step", "train_bits", "valid_bits", "lr", "samples_per_s", "elapsed_s")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything about a training run except the model (that is SaShiMiConfig)."""
+
+    data: str  # folder of audio, searched recursively
+    out: str  # run directory
+    valid_data: str | None = None  # validation folder; None: a hash split of `data`
+    valid_fraction: float = 0.1  # share of `data` files held out when valid_data is None
+    exclude: tuple[str, ...] = ()  # globs on paths under the data folders, e.g. "*_yweweler_*"
+    seq_len: int = 8192  # samples per training window, a multiple of the model's total pooling
+    min_seconds: float = 0.1  # shorter files are skipped; shorter windows are padded to seq_len
+    gain_db: float = 0.0  # training windows scaled by a random gain in [-gain_db, gain_db] dB
+    steps: int = 20_000
+    batch_size: int = 16  # windows per step and process
+    lr: float = 2e-3  # peak learning rate (the SSM parameters use min(lr, SSM_MAX_LR))
+    weight_decay: float = 0.01  # AdamW, on every parameter but the SSM ones
+    warmup: int = 500  # steps of linear warmup before the cosine decay to 0
+    grad_clip: float = 1.0  # max gradient norm; 0 turns clipping off
+    log_every: int = 20  # steps per row of metrics.csv
+    valid_every: int = 500
+    save_every: int = 500
+    num_samples: int = 2  # clips generated at each validation
+    sample_seconds: float = 1.0
+    seed: int = 0
+    device: str = "auto"
+
+    def __post_init__(self):
+        object.__setattr__(self, "exclude", tuple(self.exclude))
+        at_least_one = ("seq_len", "steps", "batch_size", "log_every", "valid_every", "save_every")
+        for name in at_least_one:
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        at_least_zero = (
+            "min_seconds",
+            "gain_db",
+            "weight_decay",
+            "warmup",
+            "grad_clip",
+            "num_samples",
+            "sample_seconds",
+        )
+        for name in at_least_zero:
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must not be negative, got {getattr(self, name)}")
+        if not 0 <= self.valid_fraction < 1:
+            raise ValueError(f"valid_fraction must be in [0, 1), got {self.valid_fraction}")
+        if not self.lr > 0:
+            raise ValueError(f"lr must be positive, got {self.lr}")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TrainConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown training settings {unknown}; known: {sorted(known)}")
+        return cls(**d)
+
+
+# --- schedule and optimiser ----------------------------------------------------------------------
+
+
+def lr_factor(step: int, cfg: TrainConfig) -> float:
+    """Multiplier of the peak learning rate at `step`: linear warmup, then cosine decay to 0."""
+    if step < cfg.warmup:
+        return (step + 1) / cfg.warmup
+    progress = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
+    return 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+
+def make_optimizer(model: SaShiMi, cfg: TrainConfig) -> torch.optim.AdamW:
+    """AdamW with the S4 parameter groups: dt, A, B (and P) at a smaller lr and no weight decay,
+    since decaying them towards 0 would move the poles of the system, not regularise it."""
+    ssm = {id(p) for p in model.ssm_parameters()}
+    groups = [
+        {
+            "params": [p for p in model.parameters() if id(p) in ssm],
+            "peak_lr": min(cfg.lr, SSM_MAX_LR),
+            "weight_decay": 0.0,
+        },
+        {
+            "params": [p for p in model.parameters() if id(p) not in ssm],
+            "peak_lr": cfg.lr,
+            "weight_decay": cfg.weight_decay,
+        },
+    ]
+    return torch.optim.AdamW(groups, lr=cfg.lr)
+
+
+# --- processes -----------------------------------------------------------------------------------
+
+
+def setup_processes(device_name: str) -> tuple[int, int, torch.device]:
+    """(rank, world size, device). Under torchrun (WORLD_SIZE > 1) joins the process group:
+    NCCL with one GPU per process on CUDA, gloo on the CPU."""
+    device = resolve_device(device_name)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return 0, 1, device
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return dist.get_rank(), world, device
+
+
+def gather(t: torch.Tensor, world: int, device: torch.device) -> torch.Tensor:
+    """Every process's copy of `t`, stacked on the CPU: (world, *t.shape)."""
+    if world == 1:
+        return t[None]
+    parts = [torch.empty_like(t, device=device) for _ in range(world)]
+    dist.all_gather(parts, t.to(device))
+    return torch.stack(parts).cpu()
+
+
+def weights_sha1(model: SaShiMi) -> str:
+    """sha1 of the bytes of every weight, in state_dict order: equal hashes, equal models."""
+    digest = hashlib.sha1()
+    for t in model.state_dict().values():
+        digest.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+# --- the run directory ---------------------------------------------------------------------------
+
+
+def replace_folder(target: Path, write: Callable[[Path], None]) -> None:
+    """Write a complete new folder with write(tmp), then swap it in for `target`.
+
+    kill -9 at any moment: while tmp is written, `target` is the previous save. Between the two
+    renames `target` is missing for two system calls, and `target.old` holds the previous save;
+    recover_folder() puts it back at the next start. After both, `target` is the new save.
+    """
+    recover_folder(target)
+    tmp, old = target.with_name(target.name + ".tmp"), target.with_name(target.name + ".old")
+    write(tmp)
+    if target.exists():
+        os.replace(target, old)
+    os.replace(tmp, target)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def recover_folder(target: Path) -> None:
+    """Undo a save that was killed halfway (see replace_folder): keep whichever copy is complete."""
+    tmp, old = target.with_name(target.name + ".tmp"), target.with_name(target.name + ".old")
+    if not target.exists() and old.exists():
+        os.replace(old, target)
+    shutil.rmtree(old, ignore_errors=True)
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
+def trainer_state(
+    optimizer: torch.optim.Optimizer, rng: dict[str, torch.Tensor], scalars: dict
+) -> tuple[dict[str, torch.Tensor], dict]:
+    """The optimiser and RNG states as (tensors, JSON): tensors "optimizer.<param>.<name>" and
+    "rng.<name>"; the JSON holds the parameter groups and `scalars` (step, data position ...)."""
+    opt = optimizer.state_dict()
+    tensors = {f"rng.{name}": t.contiguous() for name, t in rng.items()}
+    for index, state in opt["state"].items():
+        for name, value in state.items():
+            tensors[f"optimizer.{index}.{name}"] = value.detach().cpu().contiguous()
+    return tensors, {**scalars, "optimizer_param_groups": opt["param_groups"]}
+
+
+def restore_optimizer(optimizer: torch.optim.Optimizer, tensors: dict, state: dict) -> None:
+    """Inverse of trainer_state for the optimiser."""
+    per_param: dict[int, dict] = {}
+    for key, value in tensors.items():
+        kind, *rest = key.split(".")
+        if kind == "optimizer":
+            index, name = rest
+            per_param.setdefault(int(index), {})[name] = value
+    optimizer.load_state_dict({"state": per_param, "param_groups": state["optimizer_param_groups"]})
+
+
+def read_trainer_state(last: Path) -> tuple[dict[str, torch.Tensor], dict]:
+    json_path = last / f"{TRAINER_STATE}.json"
+    if not json_path.is_file():
+        raise FileNotFoundError(
+            f"{last} has no {TRAINER_STATE}.json; --resume needs the last/ folder of a run that "
+            "saved at least once"
+        )
+    return load_file(str(last / f"{TRAINER_STATE}.safetensors")), json.loads(json_path.read_text())
+
+
+def resume_configs(out: str | Path) -> tuple[SaShiMiConfig, TrainConfig]:
+    """The model and training settings of the run saved in out/last (what --resume continues).
+    Only reads: under torchrun every process calls this before rank 0 may recover_folder(last)."""
+    last = Path(out) / "last"
+    if not last.exists() and last.with_name("last.old").exists():  # killed between two renames
+        last = last.with_name("last.old")
+    _, state = read_trainer_state(last)
+    config = SaShiMiConfig.from_dict(json.loads((last / "config.json").read_text()))
+    return config, TrainConfig.from_dict(state["train_config"])
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds / 3600:.2f} h" if seconds >= 3600 else f"{seconds / 60:.1f} min"
+
+
+def write_card(directory: Path, config: SaShiMiConfig, metadata: dict) -> None:
+    """card.md: what a person needs to know about this checkpoint, from what the trainer knows.
+    `directory` is a folder being written by replace_folder, so plain writes are safe."""
+    audio = _duration(metadata["train_audio_hours"] * 3600)
+    processes = f"{metadata['world_size']} process" + ("es" if metadata["world_size"] > 1 else "")
+    bits = metadata["valid_bits_per_sample"]
+    valid = (
+        "no validation set"
+        if bits is None
+        else (
+            f"{bits:.3f} bits per sample on {metadata['n_valid_files']:,} files "
+            f"({metadata['valid_data']})"
+        )
+    )
+    text = f"""# SaShiMi model trained on `{metadata["train_data"]}`
+
+| | |
+|---|---|
+| data | {metadata["n_train_files"]:,} files in `{metadata["train_data"]}` \
+({audio} of audio) |
+| sample rate | {config.sample_rate:,} Hz, mono |
+| quantisation | {config.quantization}, {config.n_classes} classes |
+| architecture | SaShiMi: d_model {config.d_model}, {config.n_layers} layers per tier, \
+pool {list(config.pool)}, expand {config.expand}, S4 kernel {config.kernel} (N = {config.d_state}) |
+| parameters | {metadata["num_parameters"]:,} |
+| training | {metadata["step"]:,} steps of {metadata["batch_size"]} x {metadata["seq_len"]:,} \
+samples per process, {processes}, {_duration(metadata["wall_time_s"])} on {metadata["device"]} |
+| validation | {valid} |
+
+Reproduce:
+
+```
+{metadata["command"]}
+```
+
+## Known limitations
+
+- To be written by the person who listened to its samples.
+"""
+    (directory / "card.md").write_text(text)
+
+
+def append_metrics(run_dir: Path, row: dict) -> None:
+    path = run_dir / "metrics.csv"
+    new = not path.exists()
+    with open(path, "a", newline="") as f:
+        writer = csv.DictWriter(f, METRICS_COLUMNS)
+        if new:
+            writer.writeheader()
+        writer.writerow(row)
+
+
+def truncate_metrics(run_dir: Path, step: int) -> None:
+    """Drop the rows after `step`: a resumed run writes them again."""
+    path = run_dir / "metrics.csv"
+    if not path.exists():
+        return
+    with open(path, newline="") as f:
+        rows = [r for r in csv.DictReader(f) if int(r["step"]) <= step]
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "w", newline="") as f:
+            writer = csv.DictWriter(f, METRICS_COLUMNS)
+            writer.writeheader()
+            writer.writerows(rows)
+
+    atomic_write(path, write)
+
+
+def plot_metrics(run_dir: Path) -> None:
+    with open(run_dir / "metrics.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    fig = Figure(figsize=(8, 4.5))
+    ax = fig.add_subplot()
+    for column, label in (("train_bits", "train"), ("valid_bits", "validation")):
+        points = [(int(r["step"]), float(r[column])) for r in rows if r[column]]
+        if points:
+            ax.plot(
+                *zip(*points, strict=True),
+                marker="o" if column == "valid_bits" else None,
+                label=label,
+            )
+    ax.set_xlabel("step")
+    ax.set_ylabel("bits per sample")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    save_figure_png(fig, run_dir / "metrics.png")
+
+
+def write_samples(model: SaShiMi, run_dir: Path, step: int, cfg: TrainConfig) -> None:
+    """A few clips generated with the recurrent API, always from the same seed, so the clips of
+    successive validations are comparable."""
+    num_samples = round(cfg.sample_seconds * model.config.sample_rate)
+    if cfg.num_samples == 0 or num_samples == 0:
+        return
+    generator = Generator(model, device=next(model.parameters()).device)
+    clips = generator.generate(
+        num_samples, batch_size=cfg.num_samples, seed=cfg.seed, show_progress=False
+    )
+    for k, clip in enumerate(clips):
+        write_wav(run_dir / "samples" / f"step_{step:06d}_{k}.wav", clip, model.config.sample_rate)
+
+
+# --- the run -------------------------------------------------------------------------------------
+
+
+def train(
+    config: SaShiMiConfig,
+    cfg: TrainConfig,
+    *,
+    resume: bool = False,
+    rate_from_data: bool = False,
+    command: str = "",
+) -> dict:
+    """Train, writing into cfg.out; returns the metadata of the last save (metrics.json).
+
+    rate_from_data: train at the most common sample rate of the files instead of config's.
+    resume: continue the run saved in cfg.out/last exactly where it stopped.
+    """
+    rank, world, device = setup_processes(cfg.device)
+    master = rank == 0
+    run_dir = Path(cfg.out)
+    started = time.perf_counter()
+    if not resume and (run_dir / "last").exists():
+        raise ValueError(
+            f"{run_dir} already holds a run (last/); pass --resume to continue it, or another --out"
+        )
+
+    # --- data: every file decoded once into memory --------------------------------------------
+    folder = AudioFolder.scan(cfg.data, cfg.exclude, run_dir / "manifest.json", ignore=(run_dir,))
+    if rate_from_data:
+        config = dataclasses.replace(config, sample_rate=folder.common_rate())
+    sample_rate = config.sample_rate
+    min_samples = max(1, round(cfg.min_seconds * sample_rate))
+    clips = folder.load(sample_rate, min_samples)
+    if cfg.valid_data is None:
+        train_clips, valid_clips = split_by_file(clips, cfg.valid_fraction)
+    else:
+        valid_folder = AudioFolder.scan(
+            cfg.valid_data, cfg.exclude, run_dir / "manifest_valid.json", ignore=(run_dir,)
+        )
+        train_clips, valid_clips = clips, valid_folder.load(sample_rate)
+    if master:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        folder.save_manifest(run_dir / "manifest.json")
+        if cfg.valid_data is not None:
+            valid_folder.save_manifest(run_dir / "manifest_valid.json")
+        log.info(json.dumps({"model": config.to_dict(), "train": cfg.to_dict()}, indent=2))
+    if cfg.seq_len % config.total_pool:
+        q, L = config.total_pool, cfg.seq_len
+        raise ValueError(
+            f"seq_len {L} is not a multiple of the total pooling {q} (pool={config.pool}); "
+            f"use {max(q, L // q * q)} or {(L // q + 1) * q}"
+        )
+    windows = cut_windows(train_clips, cfg.seq_len, min_samples)
+    valid_tokens = encode_windows(
+        valid_clips, cut_windows(valid_clips, cfg.seq_len), config.quantization, config.n_classes
+    )
+    if not valid_clips:
+        log.warning(
+            "no validation files (one usable file, or valid_fraction 0): best/ is not written"
+        )
+    if master:
+        log.info(
+            f"{len(train_clips):,} training files ({len(windows):,} windows of up to "
+            f"{cfg.seq_len:,} samples), {len(valid_clips):,} validation files; {world} process(es) "
+            f"on {device}"
+        )
+
+    # --- model, optimiser, and where we are ----------------------------------------------------
+    torch.manual_seed(cfg.seed)
+    model = SaShiMi(config).to(device)
+    optimizer = make_optimizer(model, cfg)
+    gain_rng = torch.Generator().manual_seed(cfg.seed)
+    torch.manual_seed(cfg.seed + 1 + rank)  # dropout: its own stream in each process
+    step, epoch, index, elapsed, best_bits = 0, 0, 0, 0.0, math.inf
+    train_bits, valid_bits = None, None  # means of the last logged interval, the last validation
+    if resume:
+        last = run_dir / "last"
+        if master:
+            recover_folder(last)
+        if world > 1:
+            dist.barrier()  # the others read last/ once rank 0 has put it back together
+        tensors, state = read_trainer_state(last)
+        model.load_state_dict(load_checkpoint(last)[0].state_dict())
+        restore_optimizer(optimizer, tensors, state)
+        step, epoch, index = state["step"], state["epoch"], state["index"]
+        train_bits, valid_bits = state["train_bits"], state["valid_bits"]
+        elapsed, best_bits = state["elapsed_s"], state["best_valid_bits"] or math.inf
+        gain_rng.set_state(tensors["rng.gain"])
+        if state["world_size"] == world:
+            torch.set_rng_state(tensors["rng.torch_cpu"][rank])
+            if device.type == "cuda":
+                torch.cuda.set_rng_state(tensors["rng.torch_cuda"][rank], device)
+        else:
+            log.warning(
+                f"resumed with {world} processes instead of {state['world_size']}: "
+                "dropout draws other random numbers than the first run"
+            )
+        log.info(f"resumed {last} at step {step:,}")
+    if master:
+        truncate_metrics(run_dir, step)  # rows a killed run wrote after its last save
+    net = model
+    if world > 1:
+        net = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None
+        )
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
+    num_parameters = sum(p.numel() for p in model.parameters())
+
+    def metadata() -> dict:
+        return {
+            "step": step,
+            "valid_bits_per_sample": valid_bits,
+            "train_bits_per_sample": train_bits,
+            "train_data": cfg.data,
+            "valid_data": cfg.valid_data or f"{cfg.valid_fraction:.0%} of {cfg.data}",
+            "n_train_files": len(train_clips),
+            "n_valid_files": len(valid_clips),
+            "train_audio_hours": sum(len(c.audio) for c in train_clips) / sample_rate / 3600,
+            "seq_len": cfg.seq_len,
+            "batch_size": cfg.batch_size,
+            "world_size": world,
+            "wall_time_s": round(elapsed + time.perf_counter() - started, 1),
+            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+            "num_parameters": num_parameters,
+            "command": command,
+        }
+
+    def save_last() -> None:
+        rng = {
+            "gain": gain_rng.get_state(),
+            "torch_cpu": gather(torch.get_rng_state(), world, device),
+        }
+        if device.type == "cuda":
+            rng["torch_cuda"] = gather(torch.cuda.get_rng_state(device), world, device)
+        if not master:
+            return
+        meta = metadata()
+        scalars = {
+            "step": step,
+            "epoch": epoch,
+            "index": index,
+            "elapsed_s": meta["wall_time_s"],
+            "train_bits": train_bits,
+            "valid_bits": valid_bits,
+            "best_valid_bits": None if best_bits == math.inf else best_bits,
+            "world_size": world,
+            "train_config": cfg.to_dict(),
+        }
+        tensors, state = trainer_state(optimizer, rng, scalars)
+
+        def write(tmp: Path) -> None:
+            save_checkpoint(tmp, model, meta)
+            save_file(tensors, str(tmp / f"{TRAINER_STATE}.safetensors"))
+            (tmp / f"{TRAINER_STATE}.json").write_text(json.dumps(state, indent=2) + "\n")
+            write_card(tmp, config, meta)
+
+        replace_folder(run_dir / "last", write)
+
+    def save_best() -> None:
+        meta = metadata()
+
+        def write(tmp: Path) -> None:
+            save_checkpoint(tmp, model, meta)
+            write_card(tmp, config, meta)
+
+        replace_folder(run_dir / "best", write)
+
+    # --- the loop -------------------------------------------------------------------------------
+    bar = tqdm(total=cfg.steps, initial=step, unit="step", file=sys.stderr, disable=not master)
+    interval_bits, interval_start, interval_steps, nonfinite = [], time.perf_counter(), 0, 0
+    model.train()
+    while step < cfg.steps:
+        lr_scale = lr_factor(step, cfg)
+        for group in optimizer.param_groups:
+            group["lr"] = group["peak_lr"] * lr_scale
+        # One global batch of batch_size windows per process; this process takes its share.
+        order, epoch, index = take_windows(
+            len(windows), cfg.seed, epoch, index, world * cfg.batch_size
+        )
+        gains = None
+        if cfg.gain_db > 0:
+            gains = (torch.rand(len(order), generator=gain_rng) * 2 - 1) * cfg.gain_db
+            gains = gains[rank * cfg.batch_size : (rank + 1) * cfg.batch_size]
+        mine = [windows[i] for i in order[rank * cfg.batch_size : (rank + 1) * cfg.batch_size]]
+        inputs, targets = make_batch(
+            train_clips, mine, cfg.seq_len, config.quantization, config.n_classes, gains
+        )
+        with autocast:
+            loss = nll_bits(net(inputs.to(device)).float(), targets.to(device))  # bits per sample
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or math.inf)
+        loss_all = loss.detach().clone()
+        if world > 1:  # a NaN on any process makes the sum NaN on all: they skip together
+            dist.all_reduce(loss_all)
+            loss_all /= world
+        bits = loss_all.item()
+        if math.isfinite(bits) and torch.isfinite(grad_norm):
+            optimizer.step()
+            interval_bits.append(bits)
+            nonfinite = 0
+        else:
+            nonfinite += 1
+            log.warning(
+                f"step {step + 1}: non-finite loss {bits} or gradient norm "
+                f"{grad_norm.item()}; step skipped"
+            )
+            if nonfinite == MAX_NONFINITE_STEPS:
+                raise FloatingPointError(
+                    f"{MAX_NONFINITE_STEPS} steps in a row had a non-finite loss or gradient "
+                    f"(last at step {step + 1}); lower --lr or --grad-clip, or look for bad audio"
+                )
+        step += 1
+        interval_steps += 1
+        bar.update(1)
+        bar.set_postfix(bits=f"{bits:.3f}", lr=f"{cfg.lr * lr_scale:.2e}")
+
+        validate = step % cfg.valid_every == 0 or step == cfg.steps
+        if master and (step % cfg.log_every == 0 or validate):
+            now = time.perf_counter()
+            if interval_bits:
+                train_bits = sum(interval_bits) / len(interval_bits)
+            samples_per_s = (
+                interval_steps * world * cfg.batch_size * cfg.seq_len / (now - interval_start)
+            )
+            if validate and valid_tokens:
+                valid_bits = evaluate_bits(model, valid_tokens, cfg.batch_size)
+                if valid_bits < best_bits:
+                    best_bits = valid_bits
+                    save_best()
+            if validate:
+                write_samples(model, run_dir, step, cfg)
+                model.train()
+            append_metrics(
+                run_dir,
+                {
+                    "step": step,
+                    "train_bits": "" if train_bits is None else train_bits,
+                    "valid_bits": valid_bits if validate else "",
+                    "lr": cfg.lr * lr_scale,
+                    "samples_per_s": round(samples_per_s, 1),
+                    "elapsed_s": round(elapsed + now - started, 1),
+                },
+            )
+            if validate:
+                plot_metrics(run_dir)
+                known = {"train": train_bits, "valid": valid_bits}
+                summary = ", ".join(f"{k} {v:.3f}" for k, v in known.items() if v is not None)
+                bar.write(f"step {step:,}: {summary} bits/sample", file=sys.stderr)
+            interval_bits, interval_start, interval_steps = [], time.perf_counter(), 0
+        if step % cfg.save_every == 0 or step == cfg.steps:
+            save_last()
+    bar.close()
+
+    if world > 1:  # every process must hold the same weights, or DDP went wrong
+        sha1 = weights_sha1(model)
+        digests = gather(torch.tensor(list(bytes.fromhex(sha1)), dtype=torch.uint8), world, device)
+        if not all(torch.equal(d, digests[0]) for d in digests):
+            raise RuntimeError(f"the {world} processes ended with different weights")
+        if master:
+            log.info(f"all {world} processes hold equal weights (sha1 {sha1})")
+        dist.destroy_process_group()
+    return metadata()
