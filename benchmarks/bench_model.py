@@ -24,7 +24,10 @@ import torch  # noqa: E402
 from sashimi import SaShiMi, SaShiMiConfig  # noqa: E402
 from sashimi.model import nll_bits, shift_inputs  # noqa: E402
 
-KERNELS = {"diagonal": {"kernel": "diagonal", "disc": "zoh"}, "dplr": {"kernel": "dplr", "disc": "bilinear"}}
+KERNELS = {
+    "diagonal": {"kernel": "diagonal", "disc": "zoh"},
+    "dplr": {"kernel": "dplr", "disc": "bilinear"},
+}
 
 
 def build(preset: str, kernel: str) -> SaShiMi:
@@ -69,7 +72,9 @@ def measure_generation(preset: str, kernel: str, batch: int, steps: int, repeats
 
 def child(args) -> None:
     if args.measure == "train":
-        result = measure_training(args.preset, args.kernel, args.train_length, args.train_batch, args.repeats)
+        result = measure_training(
+            args.preset, args.kernel, args.train_length, args.train_batch, args.repeats
+        )
     else:
         result = measure_generation(args.preset, args.kernel, args.batch, args.steps, args.repeats)
     result["peak_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
@@ -77,9 +82,21 @@ def child(args) -> None:
 
 
 def run_child(args, **overrides) -> dict:
-    argv = [sys.executable, __file__, "--child", "--preset", args.preset, "--repeats", str(args.repeats),
-            "--train-length", str(args.train_length), "--train-batch", str(args.train_batch),
-            "--steps", str(args.steps)]
+    argv = [
+        sys.executable,
+        __file__,
+        "--child",
+        "--preset",
+        args.preset,
+        "--repeats",
+        str(args.repeats),
+        "--train-length",
+        str(args.train_length),
+        "--train-batch",
+        str(args.train_batch),
+        "--steps",
+        str(args.steps),
+    ]
     for key, value in overrides.items():
         argv += [f"--{key.replace('_', '-')}", str(value)]
     out = subprocess.run(argv, check=True, capture_output=True, text=True).stdout
@@ -87,7 +104,9 @@ def run_child(args, **overrides) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--preset", default="sc09")
     parser.add_argument("--kernels", default="diagonal,dplr")
     parser.add_argument("--train-length", type=int, default=16_000)
@@ -102,14 +121,24 @@ def main() -> None:
     args = parser.parse_args()
     if args.child:
         return child(args)
-    report = {"preset": args.preset, "device": "cpu", "torch": torch.__version__,
-              "threads": torch.get_num_threads(), "repeats": args.repeats, "kernels": {}}
+    report = {
+        "preset": args.preset,
+        "device": "cpu",
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "repeats": args.repeats,
+        "kernels": {},
+    }
     for kernel in args.kernels.split(","):
         entry = {"parameters": sum(p.numel() for p in build(args.preset, kernel).parameters())}
-        entry["train"] = {"batch": args.train_batch, "length": args.train_length,
-                          **run_child(args, measure="train", kernel=kernel)}
+        entry["train"] = {
+            "batch": args.train_batch,
+            "length": args.train_length,
+            **run_child(args, measure="train", kernel=kernel),
+        }
         entry["generate"] = {
-            b: run_child(args, measure="generate", kernel=kernel, batch=b) for b in args.batches.split(",")
+            b: run_child(args, measure="generate", kernel=kernel, batch=b)
+            for b in args.batches.split(",")
         }
         report["kernels"][kernel] = entry
     report["reference_2core_cpu"] = {
