@@ -11,6 +11,7 @@ import os
 import sys
 from pathlib import Path
 
+from sashimi.cli import Parser, add_device_argument
 from sashimi.generate import resolve_device
 from sashimi.webui import Limits, WebUI
 
@@ -20,18 +21,13 @@ EXAMPLES = """examples:
 """
 
 
-class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """Defaults shown after each flag; the examples kept one per line."""
-
-
 def build_parser() -> argparse.ArgumentParser:
     defaults = Limits()
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="python app.py",
         description="Start the SaShiMi web UI: pick a checkpoint, generate or continue audio, "
         "listen while it is sampled, download the WAV files.",
         epilog=EXAMPLES,
-        formatter_class=_HelpFormatter,
     )
     parser.add_argument(
         "--host",
@@ -54,12 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="also open a public link through Gradio's share servers",
     )
-    parser.add_argument(
-        "--device",
-        choices=("auto", "cuda", "cpu"),
-        default="auto",
-        help="where to run: auto picks CUDA when present, else the CPU",
-    )
+    add_device_argument(parser, default="auto")
     parser.add_argument(
         "--max-seconds",
         metavar="S",

@@ -32,6 +32,7 @@ def atomic_write(path: Path, write) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:
+        os.chmod(tmp, 0o644)  # mkstemp's 0600 would hide the files from other users of the run
         write(Path(tmp))
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())

@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 
 from .checkpoint import load_checkpoint
+from .cli import Parser, add_device_argument
 from .data import AudioFolder, cut_windows, encode_windows, pad_batch
 from .generate import resolve_device
 from .model import SaShiMi, nll_bits
@@ -48,14 +49,13 @@ def evaluate_bits(model: SaShiMi, tokens: list[Tensor], batch_size: int = 16) ->
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="python -m sashimi.evaluate",
         description="Score a trained model on a folder of audio: negative log-likelihood in bits "
         "per sample (lower is better; 8 is a uniform guess over 256 classes).",
         epilog="examples:\n"
         "  python -m sashimi.evaluate --checkpoint runs/fsdd/best --data data/fsdd/valid\n"
         "  python -m sashimi.evaluate --checkpoint checkpoints/fsdd --data my_sounds/ --device cpu",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument(
         "--checkpoint",
@@ -89,12 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--batch-size", metavar="B", type=int, default=16, help="pieces scored at once"
     )
-    parser.add_argument(
-        "--device",
-        choices=("auto", "cuda", "cpu"),
-        default="auto",
-        help="where to run: auto picks CUDA when present, else the CPU",
-    )
+    add_device_argument(parser, default="auto")
     return parser
 
 

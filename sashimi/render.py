@@ -18,37 +18,22 @@ from tqdm import tqdm
 
 from .audio import load_audio, write_wav
 from .checkpoint import DEFAULT_CHECKPOINT
+from .cli import Parser, add_device_argument
 from .generate import Generator, check_sampling
 from .plots import save_figure_png, waveform_spectrogram_figure
 
-PROG = "sashimi.render"
 EXAMPLES = """examples:
   python -m sashimi.render --num 4 --seconds 2 --out samples/
   python -m sashimi.render --checkpoint runs/piano/best --prompt intro.wav --seconds 10 --out cont/
 """
 
 
-class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """Defaults shown after each flag (unless there is none); the examples kept one per line."""
-
-    def _get_help_string(self, action: argparse.Action) -> str:
-        return action.help if action.default is None else super()._get_help_string(action)
-
-
-class _OneLineErrorParser(argparse.ArgumentParser):
-    """An ArgumentParser whose errors are the single line `sashimi.render: error: ...` (exit 2)."""
-
-    def error(self, message: str):
-        self.exit(2, f"{PROG}: error: {message}\n")
-
-
 def build_parser() -> argparse.ArgumentParser:
-    parser = _OneLineErrorParser(
+    parser = Parser(
         prog="python -m sashimi.render",
         description="Generate audio clips with a trained SaShiMi model and write them as 16-bit "
         "WAV files, each with a waveform and spectrogram PNG.",
         epilog=EXAMPLES,
-        formatter_class=_HelpFormatter,
     )
     parser.add_argument(
         "--checkpoint",
@@ -116,12 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="audio file to continue (any format soundfile reads; resampled to "
         "the model's rate and mixed to mono)",
     )
-    parser.add_argument(
-        "--device",
-        choices=("auto", "cuda", "cpu"),
-        default="auto",
-        help="where to run: auto picks CUDA when present, else the CPU",
-    )
+    add_device_argument(parser, default="auto")
     return parser
 
 

@@ -109,7 +109,7 @@ def test_prompt_is_followed_by_its_continuation(tiny_checkpoint, tmp_path, capsy
 def one_error_line(capsys) -> str:
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1, err
-    assert err[0].startswith("sashimi.render: error: ")
+    assert err[0].startswith("python -m sashimi.render: error: ")
     return err[0]
 
 
@@ -155,5 +155,5 @@ def test_command_line_in_a_subprocess(tmp_path):
     )
     assert result.returncode == 2 and result.stdout == ""
     assert result.stderr.strip().splitlines() == [
-        f"sashimi.render: error: checkpoint folder {tmp_path / 'none'} does not exist"
+        f"python -m sashimi.render: error: checkpoint folder {tmp_path / 'none'} does not exist"
     ]

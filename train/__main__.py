@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 from sashimi.audio import QUANTIZATIONS
+from sashimi.cli import Parser, add_device_argument
 from sashimi.model import KERNELS, PRESETS, SaShiMiConfig
 
 from .loop import TrainConfig, resume_configs, train
@@ -40,12 +41,11 @@ MODEL_FLAGS = {
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="python -m train",
         description="Train a SaShiMi raw-audio model on a folder of sound files (wav, flac, ogg, "
         "mp3; any rate and channel count). Writes checkpoints, samples and metrics into --out.",
         epilog=EXAMPLES,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
         argument_default=argparse.SUPPRESS,  # absent flags stay absent: see the precedence above
     )
 
@@ -153,10 +153,8 @@ def build_parser() -> argparse.ArgumentParser:
     add(loop, "--num-samples", "K", int, "clips generated at each validation (0: none)")
     add(loop, "--sample-seconds", "S", float, "length of each generated clip")
     add(loop, "--seed", "K", int, "seed of weights, data order, augmentation and dropout")
-    loop.add_argument(
-        "--device",
-        choices=("auto", "cuda", "cpu"),
-        help="auto: CUDA when present, else the CPU (default: auto)",
+    add_device_argument(
+        loop, help="where to run: auto picks CUDA when present, else the CPU (default: auto)"
     )
     loop.add_argument(
         "--resume",

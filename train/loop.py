@@ -484,7 +484,9 @@ def train(
             "batch_size": cfg.batch_size,
             "world_size": world,
             "wall_time_s": round(elapsed + time.perf_counter() - started, 1),
-            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+            "device": torch.cuda.get_device_name(device)
+            if device.type == "cuda"
+            else f"cpu ({torch.get_num_threads()} threads)",
             "num_parameters": num_parameters,
             "command": command,
         }
