@@ -29,6 +29,16 @@ KERNELS = ("diagonal", "dplr")
 INITS = ("legs", "lin")
 
 
+def config_from_dict(cls: type, d: dict, what: str):
+    """cls(**d) for a config dataclass read back from JSON: a key cls does not have is an error
+    naming the known ones (a typo must not pass silently), and JSON's lists become tuples."""
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - known)
+    if unknown:
+        raise ValueError(f"unknown {what} {unknown}; known keys: {sorted(known)}")
+    return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
+
+
 @dataclass(frozen=True)
 class SaShiMiConfig:
     """Everything needed to rebuild a model; saved as config.json next to its weights."""
@@ -90,11 +100,7 @@ class SaShiMiConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "SaShiMiConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"unknown config keys {unknown}; known keys: {sorted(known)}")
-        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
+        return config_from_dict(cls, d, "config keys")
 
     @classmethod
     def preset(cls, name: str) -> "SaShiMiConfig":

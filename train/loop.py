@@ -47,7 +47,7 @@ from sashimi.data import (
 )
 from sashimi.evaluate import evaluate_bits
 from sashimi.generate import Generator, resolve_device
-from sashimi.model import SaShiMi, SaShiMiConfig, nll_bits
+from sashimi.model import SaShiMi, SaShiMiConfig, config_from_dict, nll_bits
 from sashimi.plots import save_figure_png
 
 log = logging.getLogger(__name__)
@@ -112,11 +112,7 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "TrainConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"unknown training settings {unknown}; known: {sorted(known)}")
-        return cls(**d)
+        return config_from_dict(cls, d, "training settings")
 
 
 # --- schedule and optimiser ----------------------------------------------------------------------
