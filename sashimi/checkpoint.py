@@ -93,7 +93,10 @@ def load_checkpoint(
         raise ValueError(
             f"{directory / WEIGHTS_FILE} is not a safetensors file: {error}"
         ) from error
-    missing, unexpected = model.load_state_dict(weights, strict=False)
+    try:
+        missing, unexpected = model.load_state_dict(weights, strict=False)
+    except RuntimeError as error:  # same names, other shapes: config.json is not these weights'
+        raise ValueError(f"{directory / WEIGHTS_FILE} does not match {CONFIG_FILE}: {error}") from None
     if missing or unexpected:
         raise ValueError(
             f"{directory / WEIGHTS_FILE} does not match {CONFIG_FILE}: "
