@@ -84,11 +84,13 @@ class AudioFolder:
         exclude: tuple[str, ...] = (),
         manifest: Path | None = None,
         ignore: tuple[Path, ...] = (),
+        include: tuple[str, ...] = (),
     ) -> "AudioFolder":
         """Find every file under `root`, except those whose relative path matches an `exclude` glob
-        (e.g. "*_yweweler_*") and those inside an `ignore` folder (the run directory, whose samples
-        would otherwise become training data). Headers are probed with soundfile; entries of an
-        earlier scan saved at `manifest` are reused when a file's size and mtime are unchanged.
+        (e.g. "*_yweweler_*"), or matches no `include` glob when there are some, and those inside an
+        `ignore` folder (the run directory, whose samples would otherwise become training data).
+        Headers are probed with soundfile; entries of an earlier scan saved at `manifest` are
+        reused when a file's size and mtime are unchanged.
         """
         root = Path(root)
         if not root.is_dir():
@@ -99,6 +101,8 @@ class AudioFolder:
         for path in sorted(p for p in root.rglob("*") if p.is_file()):
             relative = path.relative_to(root).as_posix()
             if any(fnmatch.fnmatch(relative, pattern) for pattern in exclude):
+                continue
+            if include and not any(fnmatch.fnmatch(relative, pattern) for pattern in include):
                 continue
             if any(path.resolve().is_relative_to(folder) for folder in ignore):
                 continue

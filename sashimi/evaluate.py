@@ -72,6 +72,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="folder of audio files, searched recursively",
     )
     parser.add_argument(
+        "--include",
+        metavar="GLOB",
+        action="append",
+        default=[],
+        help="only files whose path under --data matches, e.g. '*_lucas_*' for one speaker "
+        "(repeatable)",
+    )
+    parser.add_argument(
         "--exclude",
         metavar="GLOB",
         action="append",
@@ -112,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
         if seq_len < 1:
             raise ValueError(f"--seq-len must be at least 1, got {seq_len}")
         cfg = model.config
-        folder = AudioFolder.scan(args.data, tuple(args.exclude))
+        folder = AudioFolder.scan(args.data, tuple(args.exclude), include=tuple(args.include))
         clips = folder.load(cfg.sample_rate)
     except (FileNotFoundError, ValueError) as error:
         parser.error(str(error))

@@ -90,6 +90,12 @@ def test_exclude_globs_and_ignored_folders_leave_files_out(audio_folder):
         "long_tone_8k_stereo.wav",
         "tone_8k.wav",
     ]
+    only = AudioFolder.scan(audio_folder, exclude=("*.ogg",), include=("*tone*", "chirp*"))
+    assert [e.path for e in only.entries] == [
+        "long_tone_8k_stereo.wav",
+        "tone_8k.wav",
+        "voice/tone_44k.flac",
+    ]
 
 
 def test_short_files_are_skipped_below_the_minimum(audio_folder, caplog):

@@ -98,3 +98,14 @@ def test_runs_as_a_module(tiny_checkpoint, audio_folder):
     )
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout)["files"] == 2
+
+
+def test_include_scores_only_the_matching_files(tiny_checkpoint, audio_folder, capsys):
+    """--include 'voice/*' on the whole folder scores what --data voice/ scores."""
+    common = ["--checkpoint", str(tiny_checkpoint), "--seq-len", "2048", "--device", "cpu"]
+    assert main([*common, "--data", str(audio_folder / "voice")]) == 0
+    alone = json.loads(capsys.readouterr().out)
+    assert main([*common, "--data", str(audio_folder), "--include", "voice/*"]) == 0
+    included = json.loads(capsys.readouterr().out)
+    assert included["files"] == alone["files"] == 2
+    assert included["bits_per_sample"] == alone["bits_per_sample"]

@@ -11,7 +11,6 @@ import torch
 
 from sashimi import SaShiMi, SaShiMiConfig
 from sashimi.audio import decode, encode
-from sashimi.checkpoint import DEFAULT_CHECKPOINT
 from sashimi.generate import Generator, Sampler, check_sampling, fast_step_settings, resolve_device
 
 CPU = torch.device("cpu")
@@ -304,6 +303,3 @@ def test_from_checkpoint(tiny_checkpoint, tmp_path):
     assert not generator.model.training
     with pytest.raises(FileNotFoundError, match="does not exist"):
         Generator.from_checkpoint(tmp_path / "nowhere", device="cpu")
-    if not DEFAULT_CHECKPOINT.exists():
-        with pytest.raises(FileNotFoundError, match="no checkpoint at the default place"):
-            Generator.from_checkpoint(device="cpu")
