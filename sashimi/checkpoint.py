@@ -32,8 +32,8 @@ def atomic_write(path: Path, write) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:
-        os.chmod(tmp, 0o644)  # mkstemp's 0600 would hide the files from other users of the run
         write(Path(tmp))
+        os.chmod(tmp, 0o644)  # mkstemp's 0600 would hide the files from other users of the run
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -95,8 +95,10 @@ def load_checkpoint(
         ) from error
     try:
         missing, unexpected = model.load_state_dict(weights, strict=False)
-    except RuntimeError as error:  # same names, other shapes: config.json is not these weights'
-        raise ValueError(f"{directory / WEIGHTS_FILE} does not match {CONFIG_FILE}: {error}") from None
+    except RuntimeError as error:  # same names, other shapes: config.json is not these weights
+        raise ValueError(
+            f"{directory / WEIGHTS_FILE} does not match {CONFIG_FILE}: {error}"
+        ) from None
     if missing or unexpected:
         raise ValueError(
             f"{directory / WEIGHTS_FILE} does not match {CONFIG_FILE}: "
