@@ -101,8 +101,9 @@ class Models:
         with self._lock:
             if checkpoint not in self._generators:
                 try:
+                    # the picker names the repository's checkpoints relative to it
                     self._generators[checkpoint] = Generator.from_checkpoint(
-                        checkpoint, device=self.device
+                        REPO_ROOT / checkpoint, device=self.device
                     )
                 except (FileNotFoundError, ValueError) as error:
                     raise refused(str(error)) from error
@@ -167,9 +168,9 @@ class WebUI:
         """
         self.checkpoints = find_checkpoints(extra_checkpoints)
         preferred = [Path(p).resolve() for p in extra_checkpoints] + [DEFAULT_CHECKPOINT]
-        self.selected = next(
-            (str(p) for p in preferred if p in self.checkpoints),
-            str(self.checkpoints[0]) if self.checkpoints else None,
+        self.selected = next(  # as the picker names it: checkpoints/fsdd, or an absolute path
+            (display_path(p) for p in preferred if p in self.checkpoints),
+            display_path(self.checkpoints[0]) if self.checkpoints else None,
         )
         self.limits = limits
         self.models = Models(device)
@@ -347,7 +348,7 @@ class WebUI:
     # --- the page ------------------------------------------------------------------------------
     def build(self) -> gr.Blocks:
         limits = self.limits
-        labels = [(display_path(p), str(p)) for p in self.checkpoints]
+        labels = [display_path(p) for p in self.checkpoints]
         with gr.Blocks(title="SaShiMi", analytics_enabled=False) as demo:
             gr.Markdown(
                 "# SaShiMi\nRaw audio sampled one value at a time by a state-space U-Net "

@@ -69,7 +69,8 @@ def server(tiny_checkpoint, missing_checkpoint, tmp_path_factory):
         "2",
     ]
     with open(log, "w") as out:
-        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT)
+        # started elsewhere than the repository: nothing may depend on the working directory
+        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, cwd=log.parent)
     url = f"http://127.0.0.1:{port}/"
     deadline = time.monotonic() + 90
     while True:
@@ -145,6 +146,13 @@ def test_generate_streams_each_chunk_before_the_clip_is_done(client, tiny_checkp
     assert all(updates[i][4].endswith(".m3u8") for i in live)  # an HLS playlist that grows
     assert "sampled 0.50 of 0.5 s of audio" in updates[live[-1]][3]  # progress in audio seconds
     assert live[-1] < len(updates) - 1 and updates[-1][0]  # all of them before the files
+
+
+def test_the_shipped_model_is_named_as_the_picker_shows_it(client):
+    """checkpoints/fsdd, relative to the repository, whatever the server's working directory."""
+    files, ranking, *_ = generate(client, "checkpoints/fsdd", clips=1, seconds=0.1)
+    audio, rate = sf.read(files[0])
+    assert rate == 8000 and len(audio) == 800 and len(ranking["data"]) == 1
 
 
 def test_random_seed_is_reported_and_reproduces_the_clip(client, tiny_checkpoint):
