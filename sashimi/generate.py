@@ -19,6 +19,7 @@ import contextlib
 import logging
 import math
 import sys
+import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -134,26 +135,50 @@ class Sampler:
         return torch.empty_like(logits).scatter_(-1, order, ordered)
 
 
+class _CpuStepSettings:
+    """One thread and no oneDNN while any generation runs on the CPU; the previous settings back
+    when the last one ends. Both are process-wide, so concurrent generations (the web UI's
+    --concurrency) share one switch: the first to start sets it, the last to finish restores it."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._users = 0
+        self._saved: tuple[int, bool] = (1, True)
+
+    @contextlib.contextmanager
+    def __call__(self) -> Iterator[None]:
+        with self._lock:
+            if self._users == 0:
+                self._saved = (torch.get_num_threads(), torch.backends.mkldnn.enabled)
+                torch.set_num_threads(1)
+                torch.backends.mkldnn.enabled = False
+            self._users += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._users -= 1
+                if self._users == 0:
+                    torch.set_num_threads(self._saved[0])
+                    torch.backends.mkldnn.enabled = self._saved[1]
+
+
+_cpu_step_settings = _CpuStepSettings()
+
+
 @contextlib.contextmanager
-def fast_step_settings(device: torch.device):
+def fast_step_settings(device: torch.device) -> Iterator[None]:
     """Inference mode, plus on the CPU the settings that measured fastest for the per-sample step
     (benchmarks/bench_generation.py, sc09, 2 cores): one thread, since two threads synchronise
     around every small op (1.5x fewer steps/s at batch 1, 7-25x fewer at batch 16), and no oneDNN,
     whose GELU on a few hundred floats costs 10-25 us against 3-4 us (1.2x the steps/s at batch 1
-    without it). Both settings are process-wide, so they are restored on exit."""
+    without it)."""
     with torch.inference_mode():
         if device.type != "cpu":
             yield
             return
-        threads = torch.get_num_threads()
-        torch.set_num_threads(1)
-        try:  # None leaves oneDNN's other flags alone (setting them prints a warning)
-            with torch.backends.mkldnn.flags(
-                enabled=False, deterministic=None, allow_tf32=None, fp32_precision=None
-            ):
-                yield
-        finally:
-            torch.set_num_threads(threads)
+        with _cpu_step_settings():
+            yield
 
 
 class Generator:

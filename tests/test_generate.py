@@ -303,3 +303,20 @@ def test_from_checkpoint(tiny_checkpoint, tmp_path):
     assert not generator.model.training
     with pytest.raises(FileNotFoundError, match="does not exist"):
         Generator.from_checkpoint(tmp_path / "nowhere", device="cpu")
+
+
+def test_cpu_step_settings_hold_until_the_last_overlapping_generation_ends():
+    """Two generations in flight (the UI's --concurrency 2): the first to finish must not give the
+    second its threads and oneDNN back mid-run, and the last must restore what was there."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        first, second = fast_step_settings(CPU), fast_step_settings(CPU)
+        first.__enter__()
+        second.__enter__()
+        first.__exit__(None, None, None)
+        assert torch.get_num_threads() == 1 and not torch.backends.mkldnn.enabled
+        second.__exit__(None, None, None)
+        assert torch.get_num_threads() == 2 and torch.backends.mkldnn.enabled
+    finally:
+        torch.set_num_threads(threads)
