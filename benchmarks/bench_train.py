@@ -27,7 +27,12 @@ sys.path.insert(0, str(REPO))
 from sashimi.model import SaShiMi, SaShiMiConfig, nll_bits  # noqa: E402
 from train.loop import TrainConfig, make_optimizer  # noqa: E402
 
-DEFAULT_CONFIGS = ["sc09:diagonal:1:16000", "sc09:dplr:1:16000", "sc09:diagonal:1:4000"]
+DEFAULT_CONFIGS = [
+    "sc09:diagonal:1:16000",
+    "sc09:diagonal:1:16000:recompute",
+    "sc09:dplr:1:16000",
+    "sc09:diagonal:1:4000",
+]
 BASELINE = "sc09:diagonal:1:4000"
 
 
@@ -37,14 +42,14 @@ def max_rss_gib() -> float:
 
 def worker(spec: str, steps: int, warmup: int) -> dict:
     """Time `steps` training steps after `warmup` ones for one configuration, in this process."""
-    preset, kernel, batch, L = spec.split(":")
+    preset, kernel, batch, L, *options = spec.split(":")  # options: "recompute"
     batch, L = int(batch), int(L)
     disc = "bilinear" if kernel == "dplr" else "zoh"
     config = SaShiMiConfig(
         **{**SaShiMiConfig.preset(preset).to_dict(), "kernel": kernel, "disc": disc}
     )
     torch.manual_seed(0)
-    model = SaShiMi(config)
+    model = SaShiMi(config).recompute_activations("recompute" in options)
     optimizer = make_optimizer(model, TrainConfig(data="-", out="-"))
     tokens = torch.randint(0, config.n_classes, (batch, L + 1))
     inputs, targets = tokens[:, :-1], tokens[:, 1:]

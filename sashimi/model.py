@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from .audio import MU_LAW_CLASSES, QUANTIZATIONS, silence_token
 from .s4 import DISCRETIZATIONS, S4, DiagonalStep, DPLRStep
@@ -217,6 +218,10 @@ class BlockStep:
         return h + F.linear(F.gelu(F.linear(z, *self.ff_in)), *self.ff_out)
 
 
+def _block_pair(s4_block: Residual, ff_block: Residual, x: Tensor) -> Tensor:
+    return ff_block(s4_block(x))
+
+
 @dataclass(frozen=True)
 class StackState:
     """Recurrent state of one Stack: each S4 layer's x, and each block's step weights (fixed for a run)."""
@@ -254,10 +259,14 @@ class Stack(nn.Module):
             Residual(H, FeedForward(H, cfg.ff, cfg.dropout), cfg.dropout)
             for _ in range(cfg.n_layers)
         )
+        self.recompute = False  # see SaShiMi.recompute_activations
 
     def forward(self, x: Tensor) -> Tensor:
         for s4_block, ff_block in zip(self.s4_blocks, self.ff_blocks, strict=True):
-            x = ff_block(s4_block(x))
+            if self.recompute and torch.is_grad_enabled():
+                x = checkpoint(_block_pair, s4_block, ff_block, x, use_reentrant=False)
+            else:
+                x = _block_pair(s4_block, ff_block, x)
         return x
 
     def forward_with_state(self, x: Tensor) -> tuple[Tensor, StackState]:
@@ -396,6 +405,14 @@ class SaShiMi(nn.Module):
     def start_token(self) -> int:
         """First input of every sequence: the class of a zero sample."""
         return silence_token(self.config.quantization, self.config.n_classes)
+
+    def recompute_activations(self, on: bool = True) -> "SaShiMi":
+        """Training memory for time: keep only each S4 + feed-forward pair's input for backward
+        and run the pair again when backward needs it (dropout masks are replayed, so gradients
+        are unchanged). See benchmarks/bench_train.py for what it saves and costs."""
+        for stack in (self.center, *self.up_stacks):
+            stack.recompute = on
+        return self
 
     def ssm_parameters(self) -> list[nn.Parameter]:
         """dt, A, B (and P): trained with a smaller learning rate and no weight decay, as in S4."""

@@ -125,3 +125,22 @@ def test_shift_inputs_and_nll_bits():
     uniform = torch.zeros(1, 4, 256)
     assert nll_bits(uniform, targets).item() == pytest.approx(8.0)  # log2(256), padding not counted
     assert nll_bits(uniform, targets, reduction="none")[0, 3].item() == 0.0
+
+
+def test_recompute_activations_gives_the_same_gradients_with_dropout():
+    config = dataclasses.replace(SaShiMiConfig.preset("tiny"), dropout=0.2)
+    torch.manual_seed(0)
+    model = SaShiMi(config).train()
+    tokens = torch.randint(0, config.n_classes, (2, 257))
+
+    def gradients() -> dict[str, torch.Tensor]:
+        model.zero_grad()
+        torch.manual_seed(1)  # the same dropout masks for both passes
+        nll_bits(model(tokens[:, :-1]), tokens[:, 1:]).backward()
+        return {name: p.grad.clone() for name, p in model.named_parameters()}
+
+    kept = gradients()
+    model.recompute_activations()
+    recomputed = gradients()
+    for name, grad in kept.items():
+        torch.testing.assert_close(recomputed[name], grad, rtol=1e-5, atol=1e-7, msg=name)

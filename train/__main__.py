@@ -157,6 +157,13 @@ def build_parser() -> argparse.ArgumentParser:
         loop, help="where to run: auto picks CUDA when present, else the CPU (default: auto)"
     )
     loop.add_argument(
+        "--recompute-activations",
+        action="store_true",
+        default=argparse.SUPPRESS,
+        help="keep less for backward and recompute it: less memory for long windows, "
+        "slower steps, same gradients",
+    )
+    loop.add_argument(
         "--resume",
         action="store_true",
         default=False,

@@ -70,6 +70,7 @@ class TrainConfig:
     seq_len: int = 8192  # samples per training window, a multiple of the model's total pooling
     min_seconds: float = 0.1  # shorter files are skipped; shorter windows are padded to seq_len
     gain_db: float = 0.0  # training windows scaled by a random gain in [-gain_db, gain_db] dB
+    recompute_activations: bool = False  # SaShiMi.recompute_activations: less memory, more time
     steps: int = 20_000
     batch_size: int = 16  # windows per step and process
     lr: float = 2e-3  # peak learning rate (the SSM parameters use min(lr, SSM_MAX_LR))
@@ -427,7 +428,7 @@ def train(
 
     # --- model, optimiser, and where we are ----------------------------------------------------
     torch.manual_seed(cfg.seed)
-    model = SaShiMi(config).to(device)
+    model = SaShiMi(config).recompute_activations(cfg.recompute_activations).to(device)
     optimizer = make_optimizer(model, cfg)
     gain_rng = torch.Generator().manual_seed(cfg.seed)
     torch.manual_seed(cfg.seed + 1 + rank)  # dropout: its own stream in each process
