@@ -1,7 +1,6 @@
 """The sampling engine against oracles outside it: the model's convolution mode, its functional
 step, a plain softmax, and the Python objects that hold torch memory."""
 
-import dataclasses
 import gc
 import math
 
@@ -54,28 +53,6 @@ def test_greedy_samples_equal_a_greedy_decode_in_convolution_mode(generator):
     expected = decode(oracle, generator.config.quantization, generator.config.n_classes).numpy()
     assert len(np.unique(engine)) > 20  # the decode wanders: a constant run would prove little
     np.testing.assert_array_equal(engine, expected)
-
-
-@pytest.mark.parametrize("kernel", ["diagonal", "dplr"])
-def test_in_place_step_matches_functional_step(kernel):
-    torch.manual_seed(1)
-    disc = "bilinear" if kernel == "dplr" else "zoh"
-    model = SaShiMi(
-        dataclasses.replace(SaShiMiConfig.preset("tiny"), kernel=kernel, disc=disc)
-    ).eval()
-    tokens = torch.randint(0, 256, (3, 40))
-    with torch.no_grad():
-        functional, in_place = model.initial_state(3), model.initial_state(3)
-        for t in range(tokens.shape[1]):
-            expected, functional = model.step(tokens[:, t], functional)
-            logits = model.step_(tokens[:, t], in_place)
-            # the same float32 operations in another order: round-off only
-            torch.testing.assert_close(logits, expected, atol=1e-5, rtol=1e-5)
-    for got, want in zip(in_place.tiers, functional.tiers, strict=True):
-        assert got.position == want.position and len(got.pending) == len(want.pending)
-        torch.testing.assert_close(got.upsampled, want.upsampled, atol=1e-5, rtol=1e-5)
-        torch.testing.assert_close(got.stack.x, want.stack.x, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(in_place.center.x, functional.center.x, atol=1e-5, rtol=1e-5)
 
 
 def test_same_seed_same_audio_and_different_seeds_differ(generator):

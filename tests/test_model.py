@@ -144,3 +144,22 @@ def test_recompute_activations_gives_the_same_gradients_with_dropout():
     recomputed = gradients()
     for name, grad in kept.items():
         torch.testing.assert_close(recomputed[name], grad, rtol=1e-5, atol=1e-7, msg=name)
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_in_place_step_matches_functional_step(kernel):
+    torch.manual_seed(1)
+    model = SaShiMi(dataclasses.replace(SaShiMiConfig.preset("tiny"), **KERNELS[kernel])).eval()
+    tokens = torch.randint(0, 256, (3, 40))
+    with torch.no_grad():
+        functional, in_place = model.initial_state(3), model.initial_state(3)
+        for t in range(tokens.shape[1]):
+            expected, functional = model.step(tokens[:, t], functional)
+            logits = model.step_(tokens[:, t], in_place)
+            # the same float32 operations in another order: round-off only
+            torch.testing.assert_close(logits, expected, atol=1e-5, rtol=1e-5)
+    for got, want in zip(in_place.tiers, functional.tiers, strict=True):
+        assert got.position == want.position and len(got.pending) == len(want.pending)
+        torch.testing.assert_close(got.upsampled, want.upsampled, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(got.stack.x, want.stack.x, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(in_place.center.x, functional.center.x, atol=1e-5, rtol=1e-5)
