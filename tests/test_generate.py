@@ -3,6 +3,7 @@ step, a plain softmax, and the Python objects that hold torch memory."""
 
 import gc
 import math
+import threading
 
 import numpy as np
 import pytest
@@ -283,17 +284,35 @@ def test_from_checkpoint(tiny_checkpoint, tmp_path):
 
 
 def test_cpu_step_settings_hold_until_the_last_overlapping_generation_ends():
-    """Two generations in flight (the UI's --concurrency 2): the first to finish must not give the
-    second its threads and oneDNN back mid-run, and the last must restore what was there."""
+    """Two generations in flight on two threads (the UI's --concurrency 2): the first to finish
+    must not give the second its threads and oneDNN back mid-run; the last restores them."""
     threads = torch.get_num_threads()
     torch.set_num_threads(2)
+    first_in, second_in, first_out, checked = (threading.Event() for _ in range(4))
+    seen = {}
+
+    def first():
+        with fast_step_settings(CPU):
+            first_in.set()
+            second_in.wait(10)
+        first_out.set()
+
+    def second():
+        first_in.wait(10)
+        with fast_step_settings(CPU):
+            second_in.set()
+            first_out.wait(10)
+            seen["after_first"] = (torch.get_num_threads(), torch.backends.mkldnn.enabled)
+        checked.set()
+
     try:
-        first, second = fast_step_settings(CPU), fast_step_settings(CPU)
-        first.__enter__()
-        second.__enter__()
-        first.__exit__(None, None, None)
-        assert torch.get_num_threads() == 1 and not torch.backends.mkldnn.enabled
-        second.__exit__(None, None, None)
-        assert torch.get_num_threads() == 2 and torch.backends.mkldnn.enabled
+        workers = [threading.Thread(target=first), threading.Thread(target=second)]
+        for worker in workers:
+            worker.start()
+        for worker in workers:
+            worker.join(20)
+        assert checked.is_set()
+        assert seen["after_first"] == (1, False)  # still the generation settings
+        assert (torch.get_num_threads(), torch.backends.mkldnn.enabled) == (2, True)
     finally:
         torch.set_num_threads(threads)
