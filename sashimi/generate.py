@@ -30,7 +30,7 @@ from tqdm import tqdm
 
 from .audio import decode, encode
 from .checkpoint import DEFAULT_CHECKPOINT, is_checkpoint, load_checkpoint
-from .model import IGNORE_INDEX, SaShiMi, SaShiMiState, nll_bits
+from .model import IGNORE_INDEX, SaShiMi, SaShiMiState, nll_bits, shift_inputs
 
 log = logging.getLogger(__name__)
 
@@ -359,10 +359,7 @@ class Generator:
         L = audio.shape[1]
         padded = -(-L // self.config.total_pool) * self.config.total_pool
         targets = torch.nn.functional.pad(targets, (0, padded - L), value=IGNORE_INDEX)
-        inputs = torch.cat(
-            [torch.full_like(targets[:, :1], self.model.start_token), targets[:, :-1].clamp_min(0)],
-            dim=1,
-        )  # padding inputs: any class does
+        inputs = shift_inputs(targets, self.model.start_token)
         with torch.inference_mode():
             bits = nll_bits(
                 self.model(inputs), targets, reduction="none"
