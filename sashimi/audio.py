@@ -7,7 +7,17 @@ logarithmic amplitude scale, which suits speech and music better than linear ste
     F(x) = sign(x) ln(1 + mu |x|) / ln(1 + mu),   mu = n_classes - 1,   x in [-1, 1]
 """
 
+import io
+import os
+import stat
+import sys
+import tempfile
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO, TypeVar
 
 import numpy as np
 import soundfile as sf
@@ -68,22 +78,97 @@ def silence_token(quantization: str = "mu-law", n_classes: int = MU_LAW_CLASSES)
 
 # --- files: read any common format as mono float at the model's rate, write 16-bit WAV ---------
 AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg", ".mp3")
+# mpg123, libsndfile's MP3 decoder, writes notes on bad frames ("Note: Illegal Audio-MPEG-Header
+# 0x00000000 at offset 2996.") straight to the process's stderr; we catch them for the message.
+CHATTY_DECODERS = (".mp3",)
+# libsndfile's text when its MP3 decoder rejects a file: it names the wrong cause, since we have
+# the file open by then.
+MISLEADING = "File does not exist or is not a regular file (possibly a pipe?)."
+
+_stderr_lock = threading.Lock()  # one redirect at a time: two would restore each other's stderr
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class AudioInfo:
+    """What an audio file's header says."""
+
+    frames: int
+    sample_rate: int
+    channels: int
+
+
+@contextmanager
+def _captured_stderr(capture: bool) -> Iterator[list[str]]:
+    """Send file descriptor 2, where C libraries write, to a temporary file while the block runs;
+    the list yielded holds the lines written there once the block is done."""
+    lines: list[str] = []
+    if not capture:
+        yield lines
+        return
+    with _stderr_lock, tempfile.TemporaryFile() as sink:
+        sys.stderr.flush()
+        saved = os.dup(2)
+        os.dup2(sink.fileno(), 2)
+        try:
+            yield lines
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            sink.seek(0)
+            lines += sink.read().decode(errors="replace").splitlines()
+
+
+def _decode(path: Path, read: Callable[[BinaryIO], T]) -> T:
+    """read(file) on an open audio file, every failure a one-line error naming the file: a file
+    that is missing (FileNotFoundError), cannot be read by this user, or does not decode
+    (ValueError, with the decoder's own complaint rather than stray lines on stderr)."""
+    try:
+        mode = path.stat().st_mode
+    except FileNotFoundError as error:
+        raise FileNotFoundError(f"{path}: no such audio file") from error
+    except OSError as error:  # a symlink loop, a folder on the way we may not enter
+        raise ValueError(f"{path}: {error.strerror.lower()}") from error
+    if not stat.S_ISREG(mode):  # opening a named pipe would wait for a writer forever
+        kind = "a folder" if stat.S_ISDIR(mode) else "not a regular file"
+        raise ValueError(f"{path}: {kind}, not an audio file")
+    try:
+        file = open(path, "rb")  # noqa: SIM115 (closed by the with below)
+    except OSError as error:  # "permission denied"
+        raise ValueError(f"{path}: {error.strerror.lower()}") from error
+    failure = None
+    with file, _captured_stderr(path.suffix.lower() in CHATTY_DECODERS) as notes:
+        try:
+            return read(file)
+        except (sf.LibsndfileError, RuntimeError, TypeError) as error:
+            failure = error
+    said = failure.error_string if isinstance(failure, sf.LibsndfileError) else str(failure)
+    if said == MISLEADING:  # the MP3 decoder said no; its first note says why
+        notes = [line.removeprefix("Note: ") for line in notes if line.strip()]
+        reason = f"MP3 decoder: {notes[0]}" if notes else "the MP3 decoder rejects it"
+    else:
+        reason = f"soundfile: {said}"
+    raise ValueError(f"{path}: not readable as audio ({reason.rstrip('.')})") from failure
+
+
+def audio_info(path: str | Path) -> AudioInfo:
+    """Frames, sample rate and channels from an audio file's header; errors as load_audio's."""
+    info = _decode(Path(path), sf.info)
+    return AudioInfo(info.frames, info.samplerate, info.channels)
 
 
 def load_audio(path: str | Path, sample_rate: int) -> np.ndarray:
     """Read an audio file as mono float32 in [-1, 1] at `sample_rate` Hz.
 
     Channels are averaged (a stereo file becomes their mid signal); any other rate is resampled
-    with a windowed-sinc filter (torchaudio). Raises ValueError naming the file when it is not
-    readable as audio or holds no samples, FileNotFoundError when it does not exist.
+    with a windowed-sinc filter (torchaudio). Raises ValueError naming the file when it cannot be
+    read (permission denied), does not decode as audio or holds no samples; FileNotFoundError
+    when it does not exist.
     """
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such audio file")
-    try:
-        samples, file_rate = sf.read(path, dtype="float32", always_2d=True)  # (frames, channels)
-    except (sf.LibsndfileError, RuntimeError, TypeError) as error:
-        raise ValueError(f"{path}: not readable as audio (soundfile: {error})") from error
+    samples, file_rate = _decode(  # (frames, channels)
+        path, lambda file: sf.read(file, dtype="float32", always_2d=True)
+    )
     if samples.size == 0:
         raise ValueError(f"{path}: holds no audio samples")
     mono = torch.from_numpy(samples.mean(axis=1))
@@ -95,10 +180,19 @@ def load_audio(path: str | Path, sample_rate: int) -> np.ndarray:
 
 
 def write_wav(path: str | Path, audio: np.ndarray, sample_rate: int) -> Path:
-    """Write mono float audio in [-1, 1] as a 16-bit PCM WAV file; returns the path."""
+    """Write mono float audio in [-1, 1] as a 16-bit PCM WAV file; returns the path.
+
+    The file is encoded in memory first: a write that fails (a full disk) raises the OSError
+    and leaves no truncated file, where libsndfile would say only "System error".
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    sf.write(
-        path, np.clip(np.asarray(audio, dtype=np.float32), -1.0, 1.0), sample_rate, subtype="PCM_16"
-    )
+    wav = io.BytesIO()
+    clipped = np.clip(np.asarray(audio, dtype=np.float32), -1.0, 1.0)
+    sf.write(wav, clipped, sample_rate, format="WAV", subtype="PCM_16")
+    try:
+        path.write_bytes(wav.getvalue())
+    except OSError:
+        path.unlink(missing_ok=True)
+        raise
     return path

@@ -12,19 +12,28 @@ window before it is quantised.
 """
 
 import dataclasses
+import errno
 import fnmatch
 import hashlib
 import json
 import logging
-from collections import Counter
+import os
+import stat
+from collections import Counter, deque
 from dataclasses import dataclass
 from pathlib import Path
 
-import soundfile as sf
 import torch
 from torch import Tensor
 
-from .audio import AUDIO_EXTENSIONS, MU_LAW_CLASSES, encode, load_audio, silence_token
+from .audio import (
+    AUDIO_EXTENSIONS,
+    MU_LAW_CLASSES,
+    audio_info,
+    encode,
+    load_audio,
+    silence_token,
+)
 from .checkpoint import atomic_write_json
 from .model import IGNORE_INDEX, shift_inputs
 
@@ -60,14 +69,57 @@ def _probe(path: Path, entry: FileEntry) -> FileEntry:
     if path.suffix.lower() not in AUDIO_EXTENSIONS:
         return dataclasses.replace(entry, skipped=f"not an audio file (searched for {SEARCHED})")
     try:
-        info = sf.info(str(path))
-    except (sf.LibsndfileError, RuntimeError, TypeError) as error:
-        return dataclasses.replace(entry, skipped=f"not readable as audio (soundfile: {error})")
+        info = audio_info(path)
+    except ValueError as error:
+        return dataclasses.replace(entry, skipped=str(error).removeprefix(f"{path}: "))
     if info.frames == 0:
         return dataclasses.replace(entry, skipped="holds no audio samples")
     return dataclasses.replace(
-        entry, frames=info.frames, sample_rate=info.samplerate, channels=info.channels
+        entry, frames=info.frames, sample_rate=info.sample_rate, channels=info.channels
     )
+
+
+def _walk(root: Path) -> tuple[list[Path], dict[Path, str]]:
+    """Every file under `root`, following symlinks, sorted; and the paths that could not be
+    searched, with why: folders that cannot be listed, symlinks that loop or lead nowhere, and
+    symlinks to a folder searched already (its files would count twice). Real folders are
+    searched before symlinked ones, so a file keeps its path without symlinks where it has one."""
+    files, unsearched = [], {}
+    searched: dict[tuple[int, int], Path] = {}  # (device, inode) of each folder -> its path
+    real, linked = deque([root]), deque()
+    while real or linked:
+        folder = real.popleft() if real else linked.popleft()
+        info = folder.stat()
+        first = searched.setdefault((info.st_dev, info.st_ino), folder)
+        if first != folder:
+            shown = "the top folder" if first == root else first.relative_to(root).as_posix()
+            unsearched[folder] = f"symlink to {shown}, searched already: left out"
+            continue
+        try:
+            children = sorted(os.scandir(folder), key=lambda entry: entry.name)
+        except OSError as error:
+            why = f"cannot be listed ({error.strerror.lower()})"
+            if folder == root:
+                raise ValueError(f"data folder {root} {why}") from error
+            unsearched[folder] = f"folder {why}"
+            continue
+        for child in children:
+            path = Path(child.path)
+            try:
+                mode = path.stat().st_mode  # follows symlinks
+            except OSError as error:
+                if error.errno == errno.ELOOP:
+                    unsearched[path] = "symlink loop"
+                elif child.is_symlink():
+                    unsearched[path] = f"broken symlink (to {os.readlink(path)})"
+                else:
+                    unsearched[path] = error.strerror.lower()
+                continue
+            if stat.S_ISDIR(mode):
+                (linked if child.is_symlink() else real).append(path)
+            elif stat.S_ISREG(mode):
+                files.append(path)
+    return sorted(files), unsearched
 
 
 @dataclass
@@ -97,8 +149,12 @@ class AudioFolder:
             raise FileNotFoundError(f"data folder {root} does not exist")
         ignore = tuple(p.resolve() for p in ignore)
         cached = _read_manifest(manifest, root) if manifest else {}
-        entries = []
-        for path in sorted(p for p in root.rglob("*") if p.is_file()):
+        files, unsearched = _walk(root)
+        entries = [
+            FileEntry(path.relative_to(root).as_posix(), 0, 0, skipped=why)
+            for path, why in unsearched.items()
+        ]
+        for path in files:
             relative = path.relative_to(root).as_posix()
             if any(fnmatch.fnmatch(relative, pattern) for pattern in exclude):
                 continue
@@ -106,13 +162,23 @@ class AudioFolder:
                 continue
             if any(path.resolve().is_relative_to(folder) for folder in ignore):
                 continue
-            stat = path.stat()
-            entry = FileEntry(relative, stat.st_size, stat.st_mtime_ns)
+            info = path.stat()
+            entry = FileEntry(relative, info.st_size, info.st_mtime_ns)
             old = cached.get(relative)
-            if old is not None and (old.size, old.mtime_ns) == (entry.size, entry.mtime_ns):
+            # a skipped file is probed again: chmod +r changes no size or mtime
+            if (
+                old is not None
+                and old.skipped is None
+                and (old.size, old.mtime_ns)
+                == (
+                    entry.size,
+                    entry.mtime_ns,
+                )
+            ):
                 entries.append(old)
             else:
                 entries.append(_probe(path, entry))
+        entries.sort(key=lambda e: Path(e.path))
         return cls(root, entries)
 
     def common_rate(self) -> int:

@@ -1,7 +1,14 @@
-"""Shared fixtures: a tiny model configuration and a checkpoint of it written to disk."""
+"""Shared fixtures: a tiny model configuration and a checkpoint of it written to disk; folders of
+real audio; file permissions that hold even for root."""
 
 import dataclasses
 import os
+import pwd
+import shutil
+import subprocess
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
 
 import pytest
 import torch
@@ -57,3 +64,69 @@ def audio_folder(tmp_path):
     (root / "notes.txt").write_text("recorded on a Tuesday\n")
     sf.write(root / "empty.wav", np.zeros(0), 8000)
     return root
+
+
+@contextmanager
+def _as_nobody():
+    """As root, run the block with the effective user and group `nobody`; as anyone else, as is."""
+    if os.geteuid() != 0:
+        yield
+        return
+    try:
+        nobody = pwd.getpwnam("nobody")
+    except KeyError:
+        pytest.skip("needs the user nobody to drop root's right to read any file")
+    os.setegid(nobody.pw_gid)
+    os.seteuid(nobody.pw_uid)
+    try:
+        yield
+    finally:
+        os.seteuid(0)
+        os.setegid(0)
+
+
+@pytest.fixture
+def unprivileged():
+    """A context manager under which a chmod 000 file cannot be read: root reads any file whatever
+    its mode, so as root the block runs as the user nobody. Files it reads must be in
+    `public_tmp_path`."""
+    return _as_nobody
+
+
+@pytest.fixture
+def public_tmp_path():
+    """A temporary folder every user may enter (pytest's tmp_path sits in a folder only its owner
+    may enter), removed afterwards."""
+    folder = Path(tempfile.mkdtemp(prefix="sashimi-test-"))
+    folder.chmod(0o755)
+    yield folder
+    for parent, folders, _ in os.walk(
+        folder
+    ):  # top-down: each folder is opened before it is entered
+        for name in folders:
+            if not os.path.islink(os.path.join(parent, name)):
+                os.chmod(os.path.join(parent, name), 0o755)
+    shutil.rmtree(folder)
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """mount(size) -> an empty folder on a tmpfs of `size` ("2m"), unmounted afterwards: a disk
+    that really fills. Mounting needs root (CI runs as root); elsewhere the test is skipped."""
+    mounted = []
+
+    def mount(size: str) -> Path:
+        if os.geteuid() != 0:
+            pytest.skip("mounting a small tmpfs needs root (CI runs as root)")
+        folder = tmp_path / f"disk_{len(mounted)}"
+        folder.mkdir()
+        command = ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)]
+        result = subprocess.run(command, capture_output=True, text=True)
+        if result.returncode != 0:
+            pytest.skip(f"cannot mount a tmpfs here: {result.stderr.strip()}")
+        mounted.append(folder)
+        return folder
+
+    yield mount
+    for folder in mounted:
+        subprocess.run(["umount", str(folder)], check=True)

@@ -1,18 +1,27 @@
-"""Checkpoint folders: save and load, the errors for broken ones, and the shipped default model."""
+"""Checkpoint folders: save and load, the errors for broken ones, saves on a full disk or killed
+halfway, and the shipped default model."""
 
 import json
+import logging
+import os
+import re
 import shutil
 
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 
 from sashimi import SaShiMi
 from sashimi.checkpoint import (
     CHECKPOINTS_DIR,
     DEFAULT_CHECKPOINT,
+    DiskFullError,
+    atomic_write,
     list_checkpoints,
     load_checkpoint,
+    replace_folder,
+    resolve_save,
     save_checkpoint,
 )
 from sashimi.generate import Generator
@@ -49,7 +58,7 @@ def test_broken_folders_are_clear_errors(tiny_checkpoint, tmp_path):
 
     pickle_like = shutil.copytree(tiny_checkpoint, tmp_path / "pickle_like")
     (pickle_like / "model.safetensors").write_bytes(b"\x80\x04\x95 not safetensors")
-    with pytest.raises(ValueError, match="is not a safetensors file"):
+    with pytest.raises(ValueError, match="is not a readable safetensors file"):
         load_checkpoint(pickle_like)
 
     wider = shutil.copytree(tiny_checkpoint, tmp_path / "wider")
@@ -57,6 +66,128 @@ def test_broken_folders_are_clear_errors(tiny_checkpoint, tmp_path):
     (wider / "config.json").write_text(json.dumps({**config, "d_model": 2 * config["d_model"]}))
     with pytest.raises(ValueError, match="model.safetensors does not match config.json"):
         load_checkpoint(wider)
+
+
+def edit_config(**changes):
+    def edit(folder):
+        config = json.loads((folder / "config.json").read_text())
+        (folder / "config.json").write_text(json.dumps({**config, **changes}))
+
+    return edit
+
+
+def poison_weights(folder):
+    weights = load_file(folder / "model.safetensors")
+    for name in ("embedding.weight", "head.bias"):
+        weights[name][0] = float("nan")
+    save_file(weights, folder / "model.safetensors")
+
+
+DAMAGES = {  # what was done to a good checkpoint -> the error, after the file's path
+    "config is a list": (
+        lambda folder: (folder / "config.json").write_text("[]"),
+        r"config.json must hold a JSON object of model settings, e\.g\. .*, got a list",
+    ),
+    "config is null": (
+        lambda folder: (folder / "config.json").write_text("null"),
+        r"config.json must hold a JSON object of model settings, .*, got null",
+    ),
+    "unknown key": (
+        edit_config(widht=3),
+        r"config.json: unknown config keys \['widht'\]; known keys: \[.*\]",
+    ),
+    "bad value": (edit_config(kernel="fast"), r"config.json: kernel must be one of .*, got 'fast'"),
+    "weights hold NaN": (
+        poison_weights,
+        r"model.safetensors holds NaN or inf in 2 of \d+ tensors \(embedding.weight, head.bias\): "
+        r"training diverged before this save; load an earlier one, e\.g\. its run's best/",
+    ),
+    "weights of a wider model": (
+        edit_config(d_model=32),
+        r"model.safetensors does not match config.json: \d+ tensors of another shape "
+        r"\(embedding.weight: 256x16 in the file, 256x32 from config.json; .*; \.\.\.\)",
+    ),
+    "weights cut short": (
+        lambda folder: (folder / "model.safetensors").write_bytes(b"\x10\x00"),
+        r"model.safetensors is not a readable safetensors file \(.*\)",
+    ),
+    "metrics is a list": (
+        lambda folder: (folder / "metrics.json").write_text("[1]"),
+        r"metrics.json must hold a JSON object of facts about the run, got a list",
+    ),
+}
+
+
+@pytest.mark.parametrize("damage", DAMAGES)
+def test_a_damaged_checkpoint_is_one_line_naming_its_file(damage, tiny_checkpoint, tmp_path):
+    folder = shutil.copytree(tiny_checkpoint, tmp_path / "damaged")
+    change, expected = DAMAGES[damage]
+    change(folder)
+    with pytest.raises(ValueError) as error:
+        load_checkpoint(folder)
+    message = str(error.value)
+    assert re.fullmatch(f"{re.escape(str(folder))}/{expected}", message), message
+    assert "\n" not in message and len(message) < 600  # not PyTorch's list of every tensor
+
+
+# --- saves on a full disk, and saves killed halfway ---------------------------------------------
+
+
+def test_a_save_bigger_than_the_free_space_is_refused_before_writing(tiny_config, small_disk):
+    disk = small_disk("256k")  # the tiny model's weights take about 420 kB
+    with pytest.raises(DiskFullError) as error:
+        save_checkpoint(disk / "ckpt", SaShiMi(tiny_config))
+    assert re.fullmatch(
+        rf"no space left to save {disk}/ckpt/model.safetensors: it needs about 4\d\d\.\d kB, "
+        r"and 2\d\d\.\d kB is free on that disk",
+        str(error.value),
+    ), error.value
+    assert list((disk / "ckpt").iterdir()) == []
+
+
+def test_a_write_that_fills_the_disk_leaves_the_previous_file_and_nothing_else(small_disk):
+    disk = small_disk("2m")
+    (disk / "metrics.csv").write_text("step\n1\n")
+    with pytest.raises(DiskFullError) as error:  # the size is not given: nothing to check first
+        atomic_write(disk / "metrics.csv", lambda tmp: tmp.write_bytes(bytes(3_000_000)))
+    assert re.fullmatch(
+        rf"no space left to save {disk}/metrics.csv: it needs more than the 2\.\d MB it had "
+        r"written, and 2\.\d MB is free on that disk",
+        str(error.value),
+    ), error.value
+    assert [p.name for p in disk.iterdir()] == ["metrics.csv"]
+    assert (disk / "metrics.csv").read_text() == "step\n1\n"
+
+
+def test_a_folder_save_that_does_not_fit_keeps_the_previous_one(tiny_config, small_disk):
+    disk = small_disk("700k")  # one tiny checkpoint fits, two at once do not
+    model = SaShiMi(tiny_config)
+    needed = sum(t.nbytes for t in model.state_dict().values())
+    replace_folder(disk / "last", lambda tmp: save_checkpoint(tmp, model, {"step": 1}), needed)
+    with pytest.raises(DiskFullError, match=f"no space left to save {disk}/last: it needs about"):
+        replace_folder(disk / "last", lambda tmp: save_checkpoint(tmp, model, {"step": 2}), needed)
+    with pytest.raises(DiskFullError, match=f"no space left to save {disk}/last: it needs more"):
+        replace_folder(disk / "last", lambda tmp: save_checkpoint(tmp, model, {"step": 3}))
+    assert [p.name for p in disk.iterdir()] == ["last"]
+    assert load_checkpoint(disk / "last")[1] == {"step": 1}
+
+
+def test_a_save_killed_between_its_renames_still_loads(tiny_checkpoint, tmp_path, caplog):
+    """The state kill -9 leaves between replace_folder's two renames: last/ moved to last.old/,
+    the new save complete in last.tmp/, last/ absent. Readers find the previous save."""
+    run = tmp_path / "run"
+    shutil.copytree(tiny_checkpoint, run / "last.old")
+    shutil.copytree(tiny_checkpoint, run / "last.tmp")
+    assert resolve_save(run / "last") == run / "last.old"
+    with caplog.at_level(logging.WARNING, logger="sashimi.checkpoint"):
+        _, metadata = load_checkpoint(run / "last")
+    assert metadata == {"step": 0, "train_data": "random init"}
+    assert caplog.records[-1].getMessage() == (
+        f"{run / 'last'} is missing: a save into it was interrupted, loading the previous save "
+        f"from {run / 'last.old'} (resuming the run puts it back)"
+    )
+    os.replace(run / "last.old", run / "last")  # once back in place, last/ is itself
+    assert resolve_save(run / "last") == run / "last"
 
 
 def test_list_checkpoints_finds_complete_folders_at_any_depth(tiny_checkpoint, tmp_path):

@@ -50,10 +50,8 @@ def test_load_decodes_every_format_and_reports_bad_files_once(audio_folder, capl
     assert len(warnings) == 1
     lines = warnings[0].splitlines()
     assert lines[0] == "skipped 3 of 8 files:"
-    assert lines[1] == f"  {audio_folder / 'corrupt.wav'}: not readable as audio " + (
-        "(soundfile: Error opening "
-        + repr(str(audio_folder / "corrupt.wav"))
-        + ": Format not recognised.)"
+    assert lines[1] == (
+        f"  {audio_folder / 'corrupt.wav'}: not readable as audio (soundfile: Format not recognised)"
     )
     assert lines[2] == f"  {audio_folder / 'empty.wav'}: holds no audio samples"
     assert lines[3].startswith(f"  {audio_folder / 'notes.txt'}: not an audio file")
@@ -96,6 +94,60 @@ def test_exclude_globs_and_ignored_folders_leave_files_out(audio_folder):
         "tone_8k.wav",
         "voice/tone_44k.flac",
     ]
+
+
+def test_places_that_cannot_be_searched_are_named_in_the_skipped_list(
+    public_tmp_path, unprivileged, caplog
+):
+    """A folder this user may not list, a file it may not read, symlinks that loop or lead
+    nowhere, and a symlink back up the tree are each named with the reason; a symlink to a folder
+    elsewhere is followed."""
+    root = public_tmp_path / "data"
+    root.mkdir()
+    sf.write(root / "tone.wav", np.zeros(800), 8000)
+    elsewhere = public_tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    sf.write(elsewhere / "far.wav", np.zeros(800), 8000)
+    (root / "far").symlink_to(elsewhere)
+    (root / "closed").mkdir()
+    sf.write(root / "closed" / "hidden.wav", np.zeros(800), 8000)
+    (root / "closed").chmod(0o000)
+    sf.write(root / "locked.wav", np.zeros(800), 8000)
+    (root / "locked.wav").chmod(0o000)
+    (root / "self.wav").symlink_to(root / "self.wav")
+    (root / "ping.wav").symlink_to(root / "pong.wav")
+    (root / "pong.wav").symlink_to(root / "ping.wav")
+    (root / "gone.wav").symlink_to(root / "deleted.wav")
+    (root / "up").symlink_to(root)
+    with unprivileged(), caplog.at_level(logging.WARNING, logger="sashimi.data"):
+        folder = AudioFolder.scan(root)
+        clips = folder.load(8000)
+    assert [c.path for c in clips] == ["far/far.wav", "tone.wav"]
+    assert caplog.records[-1].getMessage().splitlines() == [
+        "skipped 7 of 9 files:",
+        f"  {root}/closed: folder cannot be listed (permission denied)",
+        f"  {root}/gone.wav: broken symlink (to {root}/deleted.wav)",
+        f"  {root}/locked.wav: permission denied",
+        f"  {root}/ping.wav: symlink loop",
+        f"  {root}/pong.wav: symlink loop",
+        f"  {root}/self.wav: symlink loop",
+        f"  {root}/up: symlink to the top folder, searched already: left out",
+    ]
+    # Made readable, the file is probed again: chmod changes neither its size nor its mtime.
+    folder.save_manifest(public_tmp_path / "manifest.json")
+    (root / "locked.wav").chmod(0o644)
+    with unprivileged():
+        again = AudioFolder.scan(root, manifest=public_tmp_path / "manifest.json")
+    assert {e.path: e.skipped for e in again.entries}["locked.wav"] is None
+
+
+def test_a_data_folder_that_cannot_be_listed_is_a_clear_error(public_tmp_path, unprivileged):
+    (public_tmp_path / "data").mkdir(mode=0o000)
+    with unprivileged(), pytest.raises(ValueError) as error:
+        AudioFolder.scan(public_tmp_path / "data")
+    assert str(error.value) == (
+        f"data folder {public_tmp_path / 'data'} cannot be listed (permission denied)"
+    )
 
 
 def test_short_files_are_skipped_below_the_minimum(audio_folder, caplog):
