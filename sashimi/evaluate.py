@@ -3,7 +3,9 @@
 Bits per sample is the SaShiMi paper's metric: 8 for a uniform guess over 256 classes, lower is
 better. Files go through the training pipeline (sashimi.data): decoded at the model's rate, cut into
 pieces of the training window length, each piece scored in full from the start token. Training's
-validation calls `evaluate_bits` too, so the two numbers are the same measurement.
+validation calls `evaluate_bits` too, so the two numbers are the same measurement. A labelled
+checkpoint is scored twice: with each file's labels (read from its path with --labels, by default
+the spec it was trained with) and with every field unknown.
 stdout gets one JSON line; warnings about skipped files go to stderr.
 """
 
@@ -21,16 +23,20 @@ from .checkpoint import load_checkpoint
 from .cli import Parser, add_device_argument
 from .data import AudioFolder, cut_windows, encode_windows, pad_batch
 from .generate import resolve_device
+from .labels import LabelSpec, label_tensor, read_labels
 from .model import SaShiMi, nll_bits
 
 
 @torch.no_grad()
-def evaluate_bits(model: SaShiMi, tokens: list[Tensor], batch_size: int = 16) -> float:
+def evaluate_bits(
+    model: SaShiMi, tokens: list[Tensor], batch_size: int = 16, labels: Tensor | None = None
+) -> float:
     """Mean NLL in bits per sample over every sample of every sequence in `tokens`.
 
     Each sequence (1-D LongTensor) is one row, scored from the start token by teacher forcing and
-    padded with ignored targets to a multiple of the total pooling. The model runs in eval mode
-    on its own device; its training mode is restored afterwards.
+    padded with ignored targets to a multiple of the total pooling. labels (len(tokens), n_fields)
+    are the label indices of each sequence (None: all unknown). The model runs in eval mode on its
+    own device; its training mode is restored afterwards.
     """
     device = next(model.parameters()).device
     q = model.config.total_pool
@@ -39,10 +45,11 @@ def evaluate_bits(model: SaShiMi, tokens: list[Tensor], batch_size: int = 16) ->
     model.eval()
     total_bits = 0.0
     for first in range(0, len(order), batch_size):
-        batch = [tokens[i] for i in order[first : first + batch_size]]
+        rows = order[first : first + batch_size]
+        batch = [tokens[i] for i in rows]
         length = -(-max(len(t) for t in batch) // q) * q  # round up to a multiple of q
         inputs, targets = pad_batch(batch, length, model.start_token)
-        logits = model(inputs.to(device))
+        logits = model(inputs.to(device), None if labels is None else labels[rows].to(device))
         total_bits += nll_bits(logits.float(), targets.to(device), reduction="none").sum().item()
     model.train(was_training)
     return total_bits / sum(len(t) for t in tokens)
@@ -97,6 +104,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--batch-size", metavar="B", type=int, default=16, help="pieces scored at once"
     )
+    parser.add_argument(
+        "--labels",
+        metavar="SPEC",
+        default=None,
+        help="for a labelled checkpoint: how labels are read from paths under --data, as in "
+        "training ('folder' or a regex with named groups; default: the checkpoint's own)",
+    )
     add_device_argument(parser, default="auto")
     return parser
 
@@ -120,15 +134,29 @@ def main(argv: list[str] | None = None) -> int:
         if seq_len < 1:
             raise ValueError(f"--seq-len must be at least 1, got {seq_len}")
         cfg = model.config
+        spec = args.labels or metadata.get("labels")
+        if spec is not None and not cfg.labels:
+            raise ValueError(f"--labels given, but {args.checkpoint} was trained without labels")
         folder = AudioFolder.scan(args.data, tuple(args.exclude), include=tuple(args.include))
         clips = folder.load(cfg.sample_rate)
+        windows = cut_windows(clips, seq_len)
+        labels = None
+        if cfg.labels and spec is not None:
+            clip_labels = read_labels(
+                LabelSpec.parse(spec), [c.path for c in clips], "", cfg.labels
+            )
+            labels = label_tensor(cfg.labels, [clip_labels[w.clip] for w in windows])
     except (FileNotFoundError, ValueError) as error:
         parser.error(str(error))
-    tokens = encode_windows(clips, cut_windows(clips, seq_len), cfg.quantization, cfg.n_classes)
-    bits = evaluate_bits(model, tokens, args.batch_size)
+    tokens = encode_windows(clips, windows, cfg.quantization, cfg.n_classes)
+    bits = evaluate_bits(model, tokens, args.batch_size, labels)
     samples = sum(len(t) for t in tokens)
+    scores = {"bits_per_sample": round(bits, 5)}
+    if labels is not None:
+        unlabelled = evaluate_bits(model, tokens, args.batch_size)
+        scores = {**scores, "bits_per_sample_unlabelled": round(unlabelled, 5), "labels": spec}
     summary = {
-        "bits_per_sample": round(bits, 5),
+        **scores,
         "files": len(clips),
         "skipped": len(folder.entries) - len(clips),
         "samples": samples,

@@ -5,6 +5,15 @@ A model trained in convolution mode generates as an RNN, in constant time and me
     logits, state = model.prime([start] + prompt)   # no prompt: step_(start, initial_state(B))
     repeat:  token ~ softmax(logits / T) cut by top-k / top-p;   logits = model.step_(token, state)
 
+A labelled model can be guided (classifier-free guidance, Ho & Salimans 2021, here per sample of
+an autoregressive model): each clip runs as two rows of one batch, one with its labels and one
+with every field unknown, both fed the clip's tokens, and sampling reads
+
+    logits = logits_unknown + w (logits_given - logits_unknown)
+
+w = 1 is the labelled model as trained (and runs one row per clip); w > 1 pushes towards what
+makes the labels likelier.
+
 `SaShiMi.step_` runs the outer tier every sample and tier i every prod(pool[:i]) samples, from
 discrete parameters computed once in the state, overwriting the state in place.
 
@@ -30,12 +39,15 @@ from tqdm import tqdm
 
 from .audio import decode, encode
 from .checkpoint import DEFAULT_CHECKPOINT, is_checkpoint, load_checkpoint
+from .labels import UNKNOWN, Labels, check_labels, label_tensor
 from .model import IGNORE_INDEX, SaShiMi, SaShiMiState, nll_bits, shift_inputs
 
 log = logging.getLogger(__name__)
 
 CHUNK_SECONDS = 0.25  # default length of the pieces `stream` yields
 GREEDY_TEMPERATURE = 1e-4  # at or below this temperature, sampling is the argmax
+DEFAULT_GUIDANCE = 2.0  # guidance weight w of labelled models (README: chosen by bench_quality)
+MAX_GUIDANCE = 20.0  # far beyond any useful w: larger ones only sharpen the logits into noise
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
@@ -62,6 +74,7 @@ def check_sampling(
     top_p: float = 1.0,
     top_k: int = 0,
     chunk_size: int | None = None,
+    guidance: float = 1.0,
 ) -> None:
     """Raise ValueError, naming the value and the accepted range, for unusable arguments."""
     if num_samples < 0:
@@ -78,6 +91,11 @@ def check_sampling(
         raise ValueError(f"top_k must be 0 (off) or a positive number of classes, got {top_k}")
     if chunk_size is not None and chunk_size < 1:
         raise ValueError(f"chunk_size must be at least 1 sample, got {chunk_size}")
+    if not 0 <= guidance <= MAX_GUIDANCE:  # also rejects NaN
+        raise ValueError(
+            f"guidance must be in [0, {MAX_GUIDANCE:g}] (1 = none, 0 = ignore the labels), "
+            f"got {guidance}"
+        )
 
 
 class Sampler:
@@ -224,23 +242,58 @@ class Generator:
         audio = torch.as_tensor(prompt, dtype=torch.float32, device=self.device)
         return encode(audio, self.config.quantization, self.config.n_classes)
 
+    def label_rows(self, labels: Labels | list[Labels] | None, batch_size: int) -> Tensor | None:
+        """The label indices (batch_size, n_fields) of the clips, on the device; None for none.
+
+        labels: one dict for every clip, or a list of one dict per clip ({} leaves every field
+        unknown). An unknown field or value is a ValueError naming the known ones.
+        """
+        if labels is None:
+            return None
+        per_clip = [labels] * batch_size if isinstance(labels, dict) else list(labels)
+        if len(per_clip) != batch_size:
+            raise ValueError(f"labels has {len(per_clip)} entries for {batch_size} clips")
+        for clip in per_clip:
+            check_labels(self.config.labels, clip)
+        if not self.config.labels:
+            return None
+        return label_tensor(self.config.labels, per_clip).to(self.device)
+
     def start(
-        self, batch_size: int, prompt: np.ndarray | None = None
-    ) -> tuple[Tensor, SaShiMiState]:
-        """The logits for the first new sample (batch, n_classes) and the state to step on from.
+        self,
+        batch_size: int,
+        prompt: np.ndarray | None = None,
+        labels: Tensor | None = None,
+        guidance: float = 1.0,
+    ) -> tuple[Tensor, SaShiMiState, "GuidedStep"]:
+        """The logits for the first new sample (batch, n_classes), the state to step on from, and
+        the step that advances it (GuidedStep: two rows per clip when guided).
 
         No prompt: one step on the start token. A prompt: one parallel pass over [start] + prompt
-        (model.prime) for one clip, its state then copied to each clip of the batch; the first new
-        sample is the one right after the prompt's last.
+        (model.prime), once for an unlabelled model and its state then copied to each clip, or
+        for every row with its labels; the first new sample is the one right after the prompt's
+        last. labels (batch, n_fields) from label_rows, or None.
         """
+        if labels is not None and guidance != 1:
+            labels = torch.cat([labels, torch.full_like(labels, UNKNOWN)])
+        rows = batch_size if labels is None else labels.shape[0]
         with fast_step_settings(self.device):
             if prompt is None:
-                state = self.model.initial_state(batch_size)
+                state = self.model.initial_state(rows, labels)
+                step = GuidedStep(self.model, state, batch_size, guidance)
                 start = torch.full((batch_size,), self.model.start_token, device=self.device)
-                return self.model.step_(start, state), state
+                return step(start), state, step
             start = torch.tensor([self.model.start_token], device=self.device)
-            logits, state = self.model.prime(torch.cat([start, self.prompt_tokens(prompt)])[None])
-            return logits[:, -1].expand(batch_size, -1), state.for_batch(batch_size)
+            tokens = torch.cat([start, self.prompt_tokens(prompt)])[None]
+            if labels is None:
+                logits, state = self.model.prime(tokens)
+                state = state.for_batch(rows)
+                logits = logits[:, -1].expand(rows, -1)
+            else:
+                logits, state = self.model.prime(tokens.expand(rows, -1), labels)
+                logits = logits[:, -1]
+            step = GuidedStep(self.model, state, batch_size, guidance)
+            return step.combine(logits), state, step
 
     # --- generation ------------------------------------------------------------------------------
 
@@ -257,12 +310,16 @@ class Generator:
         chunk_size: int | None = None,
         show_progress: bool = True,
         progress: Callable[[int, int], None] | None = None,
+        labels: Labels | list[Labels] | None = None,
+        guidance: float = 1.0,
     ) -> Iterator[np.ndarray]:
         """Yield new audio, float32 (batch_size, n) in [-1, 1], chunk by chunk, num_samples in all.
 
         chunk_size defaults to CHUNK_SECONDS of audio. A prompt (mono float audio at the model's
         rate) is read first and not repeated in the output. progress(done, total) is called after
-        each chunk. Memory stays constant however many samples are asked for.
+        each chunk. Memory stays constant however many samples are asked for. labels: for a
+        labelled checkpoint, one dict for all clips or one per clip, e.g. {"digit": "7"}; fields
+        left out are unknown. guidance: the weight w of classifier-free guidance (1 = none).
         """
         check_sampling(
             num_samples,
@@ -271,17 +328,17 @@ class Generator:
             top_p=top_p,
             top_k=top_k,
             chunk_size=chunk_size,
+            guidance=guidance,
         )
         chunk_size = chunk_size or max(1, round(CHUNK_SECONDS * self.sample_rate))
         period = self.config.total_pool  # the multi-rate schedule repeats every `period` samples
-        logits, state = self.start(batch_size, prompt)
+        rows = self.label_rows(labels, batch_size)
+        logits, state, step = self.start(batch_size, prompt, rows, guidance)
         sampler = Sampler(
             batch_size, self.config.n_classes, period, self.device, seed, temperature, top_k, top_p
         )
         position = state.tiers[0].position if state.tiers else 0  # samples the model has read
-        graph = (
-            _PeriodGraph(self.model, state, sampler, period) if self.device.type == "cuda" else None
-        )
+        graph = _PeriodGraph(step, sampler, period) if self.device.type == "cuda" else None
         done = 0
         with tqdm(
             total=num_samples, unit="sample", disable=not show_progress, file=sys.stderr
@@ -299,7 +356,7 @@ class Generator:
                         # a run ends where the schedule restarts: a full one can be a graph replay
                         k = min(period - position % period, tokens.shape[1] - j)
                         sampler.draw_noise(k)
-                        logits = self._run(k, logits, state, sampler, tokens[:, j : j + k], graph)
+                        logits = self._run(k, logits, step, sampler, tokens[:, j : j + k], graph)
                         j, position = j + k, position + k
                     audio = decode(tokens, self.config.quantization, self.config.n_classes)
                 if not torch.isfinite(logits).all():  # argmax of NaN would go on, as noise
@@ -320,11 +377,11 @@ class Generator:
             return np.zeros((kwargs.get("batch_size", 1), 0), dtype=np.float32)
         return np.concatenate(chunks, axis=1)
 
+    @staticmethod
     def _run(
-        self,
         k: int,
         logits: Tensor,
-        state: SaShiMiState,
+        step: "GuidedStep",
         sampler: Sampler,
         out: Tensor,
         graph: "_PeriodGraph | None",
@@ -337,16 +394,19 @@ class Generator:
         for j in range(k):
             token = sampler(logits, j)
             out[:, j] = token
-            logits = self.model.step_(token, state)
+            logits = step(token)
         return logits
 
     # --- scoring ---------------------------------------------------------------------------------
 
-    def log_likelihood(self, audio: np.ndarray) -> np.ndarray:
+    def log_likelihood(
+        self, audio: np.ndarray, labels: Labels | list[Labels] | None = None
+    ) -> np.ndarray:
         """Bits per sample of each clip under the model, (batch,): teacher forcing from the start
         token in convolution mode, the length padded to a multiple of total_pool, pads ignored.
 
-        audio: float (samples,) or (batch, samples) in [-1, 1] at the model's rate.
+        audio: float (samples,) or (batch, samples) in [-1, 1] at the model's rate; labels as in
+        stream (None: every field unknown).
         """
         audio = np.atleast_2d(np.asarray(audio, dtype=np.float32))
         if audio.ndim != 2 or audio.shape[1] == 0:
@@ -360,11 +420,31 @@ class Generator:
         padded = -(-L // self.config.total_pool) * self.config.total_pool
         targets = torch.nn.functional.pad(targets, (0, padded - L), value=IGNORE_INDEX)
         inputs = shift_inputs(targets, self.model.start_token)
+        rows = self.label_rows(labels, audio.shape[0])
         with torch.inference_mode():
-            bits = nll_bits(
-                self.model(inputs), targets, reduction="none"
-            )  # (batch, padded), 0 if ignored
+            logits = self.model(inputs, rows)
+            bits = nll_bits(logits, targets, reduction="none")  # (batch, padded), 0 if ignored
         return (bits.sum(1) / L).float().cpu().numpy()
+
+
+class GuidedStep:
+    """model.step_ for `batch` clips on a state of `batch` rows, or of 2 batch rows when guided:
+    rows [0, batch) hold the clips' labels, rows [batch, 2 batch) every field unknown, and both
+    halves read the clip's token. Returns logits (batch, n_classes) to sample from."""
+
+    def __init__(self, model: SaShiMi, state: SaShiMiState, batch: int, guidance: float):
+        self.model, self.state, self.batch, self.guidance = model, state, batch, guidance
+        self.guided = state.rows() != batch
+
+    def combine(self, logits: Tensor) -> Tensor:
+        """(rows, n_classes) -> (batch, n_classes): l_unknown + w (l_given - l_unknown)."""
+        if not self.guided:
+            return logits
+        return torch.lerp(logits[self.batch :], logits[: self.batch], self.guidance)
+
+    def __call__(self, token: Tensor) -> Tensor:
+        rows = token.repeat(2) if self.guided else token
+        return self.combine(self.model.step_(rows, self.state))
 
 
 class _PeriodGraph:
@@ -378,8 +458,8 @@ class _PeriodGraph:
     and the state, which step_ overwrites in place.
     """
 
-    def __init__(self, model: SaShiMi, state: SaShiMiState, sampler: Sampler, period: int):
-        self.model, self.state, self.sampler, self.period = model, state, sampler, period
+    def __init__(self, step: GuidedStep, sampler: Sampler, period: int):
+        self.step, self.state, self.sampler, self.period = step, step.state, sampler, period
         self.graph: torch.cuda.CUDAGraph | None = None
         self.warmed_up = self.failed = False
 
@@ -414,7 +494,7 @@ class _PeriodGraph:
                 for j in range(self.period):
                     token = self.sampler(next_logits, j)
                     self.tokens[:, j] = token
-                    next_logits = self.model.step_(token, self.state)
+                    next_logits = self.step(token)
                 self.logits.copy_(next_logits)
         except RuntimeError as error:  # keep generating step by step, and say why
             log.warning("CUDA graph capture failed; stepping without graphs: %s", error)

@@ -23,6 +23,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from .audio import MU_LAW_CLASSES, QUANTIZATIONS, silence_token
+from .labels import UNKNOWN, Vocabulary
 from .s4 import DISCRETIZATIONS, S4, DiagonalStep, DPLRStep
 
 IGNORE_INDEX = -100  # target value of padding: scored by nothing (F.cross_entropy's ignore_index)
@@ -59,9 +60,13 @@ class SaShiMiConfig:
     dt_min: float = 1e-3  # dt is initialised log-uniform in [dt_min, dt_max]
     dt_max: float = 1e-1
     dropout: float = 0.0
+    # Label fields the model is conditioned on: field -> {value: training files}, values sorted
+    # (sashimi/labels.py). Empty: an unconditional model, as every checkpoint before labels.
+    labels: Vocabulary = dataclasses.field(default_factory=dict)
 
     def __post_init__(self):
         object.__setattr__(self, "pool", tuple(self.pool))
+        object.__setattr__(self, "labels", _checked_vocabulary(self.labels))
         choices = {
             "quantization": QUANTIZATIONS,
             "kernel": KERNELS,
@@ -110,12 +115,29 @@ class SaShiMiConfig:
         return cls(**PRESETS[name])
 
 
+def _checked_vocabulary(labels) -> Vocabulary:
+    """labels as plain dicts {field: {value: count}}, or a ValueError saying what is wrong."""
+    if not isinstance(labels, dict):
+        raise ValueError(f"labels must map each field to its values, got {labels!r}")
+    for field, values in labels.items():
+        if not isinstance(values, dict) or not values:
+            raise ValueError(
+                f"labels[{field!r}] must map each value to its count of files, got {values!r}"
+            )
+    return {str(f): {str(v): int(n) for v, n in values.items()} for f, values in labels.items()}
+
+
 PRESETS = {
     # The SaShiMi paper's SC09 model: 3 tiers of width 64/128/256, 8 layers each (~4.7 M parameters).
     "sc09": {},
     # For tests and quick CPU experiments: 100 k parameters, mostly the embedding and head.
     "tiny": {"d_model": 16, "n_layers": 2, "d_state": 16, "sample_rate": 8000},
 }
+
+
+def is_label_parameter(name: str) -> bool:
+    """Whether a state_dict name belongs to the label embeddings or their projections."""
+    return name.startswith("label_embeddings.") or ".label_projections." in name
 
 
 # --- teacher forcing and the metric ------------------------------------------------------------
@@ -159,7 +181,7 @@ class FeedForward(nn.Module):
 
 
 class Residual(nn.Module):
-    """Pre-norm residual block: x + dropout(layer(LayerNorm(x)))."""
+    """Pre-norm residual block: x + dropout(layer(LayerNorm(x) + c)), c a label bias or 0."""
 
     def __init__(self, H: int, layer: nn.Module, dropout: float):
         super().__init__()
@@ -167,8 +189,13 @@ class Residual(nn.Module):
         self.layer = layer
         self.dropout = nn.Dropout(dropout)
 
-    def forward(self, x: Tensor) -> Tensor:
-        return x + self.dropout(self.layer(self.norm(x)))
+    def layer_input(self, x: Tensor, label_bias: Tensor | None = None) -> Tensor:
+        """LayerNorm(x) + c: x (batch, L, H) with c (batch, 1, H), or x (batch, H) with c (batch, H)."""
+        u = self.norm(x)
+        return u if label_bias is None else u + label_bias
+
+    def forward(self, x: Tensor, label_bias: Tensor | None = None) -> Tensor:
+        return x + self.dropout(self.layer(self.layer_input(x, label_bias)))
 
 
 @dataclass(frozen=True)
@@ -206,31 +233,47 @@ class BlockStep:
             weights(ff_out),
         )
 
-    def step_(self, h: Tensor, x: Tensor) -> Tensor:
+    def step_(self, h: Tensor, x: Tensor, label_bias: Tensor | None = None) -> Tensor:
         """h (batch, H) -> (batch, H), updating this pair's SSM state x in place (inference: no dropout).
 
         The same arithmetic as Residual(S4).forward then Residual(FeedForward).forward at one sample.
         """
         H = h.shape[-1:]
-        y = self.ssm.step_(F.layer_norm(h, H, *self.s4_norm, self.eps), x)
+        u = F.layer_norm(h, H, *self.s4_norm, self.eps)
+        y = self.ssm.step_(u if label_bias is None else u + label_bias, x)
         h = h + F.glu(F.linear(F.gelu(y), *self.s4_out), dim=-1)
         z = F.layer_norm(h, H, *self.ff_norm, self.eps)
         return h + F.linear(F.gelu(F.linear(z, *self.ff_in)), *self.ff_out)
 
 
-def _block_pair(s4_block: Residual, ff_block: Residual, x: Tensor) -> Tensor:
-    return ff_block(s4_block(x))
+def _block_pair(
+    s4_block: Residual, ff_block: Residual, x: Tensor, label_bias: Tensor | None
+) -> Tensor:
+    return ff_block(s4_block(x, label_bias))
 
 
 @dataclass(frozen=True)
 class StackState:
-    """Recurrent state of one Stack: each S4 layer's x, and each block's step weights (fixed for a run)."""
+    """Recurrent state of one Stack: each S4 layer's x, each block's step weights, and each S4
+    block's label bias c_k (the last two fixed for a run)."""
 
     x: tuple[Tensor, ...]  # per S4 layer: (batch, H, N/2) complex
     blocks: tuple[BlockStep, ...]
+    label_bias: tuple[Tensor, ...] | None = None  # per S4 layer: (batch, H); None: no labels
 
     def for_batch(self, batch: int) -> "StackState":
-        return StackState(tuple(_repeat_clip(x, batch) for x in self.x), self.blocks)
+        label_bias = self.label_bias
+        if label_bias is not None:
+            label_bias = tuple(_repeat_clip(c, batch) for c in label_bias)
+        return StackState(tuple(_repeat_clip(x, batch) for x in self.x), self.blocks, label_bias)
+
+    def biases(self) -> tuple[Tensor | None, ...]:
+        return _per_layer(self.label_bias, len(self.x))
+
+
+def _per_layer(label_bias: tuple[Tensor, ...] | None, n_layers: int) -> tuple[Tensor | None, ...]:
+    """c_k of each S4 layer; a None for each when the model has no labels."""
+    return label_bias if label_bias is not None else (None,) * n_layers
 
 
 def _repeat_clip(t: Tensor, batch: int) -> Tensor:
@@ -259,50 +302,75 @@ class Stack(nn.Module):
             Residual(H, FeedForward(H, cfg.ff, cfg.dropout), cfg.dropout)
             for _ in range(cfg.n_layers)
         )
+        # Labels enter every S4 block: c_k = W_k e is added to the block's input after its norm,
+        # as WaveNet adds its global condition in every layer (the README's "Labels" section has
+        # the measurement behind this choice). W_k starts at zero: a new labelled model, or one
+        # started from an unlabelled checkpoint, begins as the unconditional model.
+        self.label_projections = None
+        if cfg.labels:
+            self.label_projections = nn.ModuleList(
+                nn.Linear(cfg.d_model, H, bias=False) for _ in range(cfg.n_layers)
+            )
+            for projection in self.label_projections:
+                nn.init.zeros_(projection.weight)
         self.recompute = False  # see SaShiMi.recompute_activations
 
-    def forward(self, x: Tensor) -> Tensor:
-        for s4_block, ff_block in zip(self.s4_blocks, self.ff_blocks, strict=True):
+    def label_biases(self, e: Tensor | None) -> tuple[Tensor, ...] | None:
+        """c_k = W_k e (batch, H) for each S4 block, from the label embedding e (batch, d_model)."""
+        if self.label_projections is None:
+            return None
+        return tuple(projection(e) for projection in self.label_projections)
+
+    def forward(self, x: Tensor, e: Tensor | None = None) -> Tensor:
+        biases = _per_layer(self.label_biases(e), len(self.s4_blocks))
+        for s4_block, ff_block, c in zip(self.s4_blocks, self.ff_blocks, biases, strict=True):
+            c = None if c is None else c[:, None]  # (batch, 1, H): the same at every step
             if self.recompute and torch.is_grad_enabled():
-                x = checkpoint(_block_pair, s4_block, ff_block, x, use_reentrant=False)
+                x = checkpoint(_block_pair, s4_block, ff_block, x, c, use_reentrant=False)
             else:
-                x = _block_pair(s4_block, ff_block, x)
+                x = _block_pair(s4_block, ff_block, x, c)
         return x
 
-    def forward_with_state(self, x: Tensor) -> tuple[Tensor, StackState]:
+    def forward_with_state(self, x: Tensor, e: Tensor | None = None) -> tuple[Tensor, StackState]:
         """forward, plus the state that stepping through x would leave (for priming generation)."""
+        label_bias = self.label_biases(e)
         states = []
-        for s4_block, ff_block in zip(self.s4_blocks, self.ff_blocks, strict=True):
-            states.append(s4_block.layer.final_state(s4_block.norm(x)))
-            x = ff_block(s4_block(x))
-        return x, StackState(tuple(states), self._block_steps())
+        for s4_block, ff_block, c in zip(
+            self.s4_blocks, self.ff_blocks, _per_layer(label_bias, len(self.s4_blocks)), strict=True
+        ):
+            c = None if c is None else c[:, None]
+            states.append(s4_block.layer.final_state(s4_block.layer_input(x, c)))
+            x = ff_block(s4_block(x, c))
+        return x, StackState(tuple(states), self._block_steps(), label_bias)
 
     def _block_steps(self) -> tuple[BlockStep, ...]:
         return tuple(
             BlockStep.of(s4, ff) for s4, ff in zip(self.s4_blocks, self.ff_blocks, strict=True)
         )
 
-    def initial_state(self, batch: int) -> StackState:
+    def initial_state(self, batch: int, e: Tensor | None = None) -> StackState:
         return StackState(
-            tuple(b.layer.initial_state(batch) for b in self.s4_blocks), self._block_steps()
+            tuple(b.layer.initial_state(batch) for b in self.s4_blocks),
+            self._block_steps(),
+            self.label_biases(e),
         )
 
     def step(self, x: Tensor, state: StackState) -> tuple[Tensor, StackState]:
         """One step: x (batch, H) -> (batch, H)."""
         new_x = []
-        for s4_block, ff_block, ssm_x, block in zip(
-            self.s4_blocks, self.ff_blocks, state.x, state.blocks, strict=True
+        for s4_block, ff_block, ssm_x, block, c in zip(
+            self.s4_blocks, self.ff_blocks, state.x, state.blocks, state.biases(), strict=True
         ):
-            y, ssm_x = s4_block.layer.step(s4_block.norm(x), ssm_x, block.ssm)
+            y, ssm_x = s4_block.layer.step(s4_block.layer_input(x, c), ssm_x, block.ssm)
             x = ff_block(x + s4_block.dropout(y))
             new_x.append(ssm_x)
-        return x, StackState(tuple(new_x), state.blocks)
+        return x, StackState(tuple(new_x), state.blocks, state.label_bias)
 
     @staticmethod
     def step_(x: Tensor, state: StackState) -> Tensor:
         """As step, updating state.x in place: x (batch, H) -> (batch, H)."""
-        for ssm_x, block in zip(state.x, state.blocks, strict=True):
-            x = block.step_(x, ssm_x)
+        for ssm_x, block, c in zip(state.x, state.blocks, state.biases(), strict=True):
+            x = block.step_(x, ssm_x, c)
         return x
 
 
@@ -373,6 +441,10 @@ class SaShiMiState:
     tiers: tuple[TierState, ...]
     center: StackState
 
+    def rows(self) -> int:
+        """How many sequences this state steps at once (the batch of model.step)."""
+        return self.center.x[0].shape[0]
+
     def for_batch(self, batch: int) -> "SaShiMiState":
         """This state of one clip as the state of `batch` identical clips (e.g. one prompt read
         once by prime, then continued in several ways)."""
@@ -390,6 +462,10 @@ class SaShiMi(nn.Module):
         self.config = cfg = config
         widths = [cfg.d_model * cfg.expand**i for i in range(len(cfg.pool) + 1)]  # H of each tier
         self.embedding = nn.Embedding(cfg.n_classes, widths[0])
+        # One embedding per label field, entry UNKNOWN (0) for "not given"; e is their sum.
+        self.label_embeddings = nn.ModuleList(
+            nn.Embedding(len(values) + 1, cfg.d_model) for values in cfg.labels.values()
+        )
         self.down_pools = nn.ModuleList(
             DownPool(H, p, cfg.expand) for H, p in zip(widths, cfg.pool, strict=False)
         )
@@ -431,17 +507,42 @@ class SaShiMi(nn.Module):
                 f"crop or pad to {L // q * q} or {(L // q + 1) * q}"
             )
 
-    def forward(self, tokens: Tensor) -> Tensor:
-        """tokens (batch, L) -> logits (batch, L, n_classes); logits[:, t] predicts sample t+1."""
-        self._check_length(tokens.shape[1])
-        return self._unet(tokens, with_state=False)[0]
+    def label_embedding(self, labels: Tensor | None, batch: int) -> Tensor | None:
+        """e = sum over fields f of E_f[labels[:, f]]: (batch, d_model), None without labels.
 
-    def _unet(self, tokens: Tensor, with_state: bool) -> tuple[Tensor, SaShiMiState | None]:
+        labels: (batch, n_fields) indices from labels.label_tensor; None means all unknown.
+        """
+        if not self.config.labels:
+            if labels is not None and labels.numel():
+                raise ValueError("labels given to a model trained without labels")
+            return None
+        n_fields = len(self.label_embeddings)
+        if labels is None:
+            labels = torch.full((batch, n_fields), UNKNOWN, device=self.head.weight.device)
+        if labels.shape != (batch, n_fields):
+            raise ValueError(
+                f"labels must have shape (batch, fields) = ({batch}, {n_fields}), "
+                f"got {tuple(labels.shape)}"
+            )
+        return sum(E(labels[:, f]) for f, E in enumerate(self.label_embeddings))
+
+    def forward(self, tokens: Tensor, labels: Tensor | None = None) -> Tensor:
+        """tokens (batch, L) -> logits (batch, L, n_classes); logits[:, t] predicts sample t+1.
+
+        labels (batch, n_fields): the clips' label indices (labels.py); None: all unknown.
+        """
+        self._check_length(tokens.shape[1])
+        return self._unet(tokens, labels, with_state=False)[0]
+
+    def _unet(
+        self, tokens: Tensor, labels: Tensor | None, with_state: bool
+    ) -> tuple[Tensor, SaShiMiState | None]:
         """The convolution-mode pass. with_state: also return the recurrent state after the last
         token (L is a multiple of the total pooling, so every tier ends on a group boundary)."""
+        e = self.label_embedding(labels, tokens.shape[0])
 
         def run(stack: Stack, x: Tensor) -> tuple[Tensor, StackState | None]:
-            return stack.forward_with_state(x) if with_state else (stack(x), None)
+            return stack.forward_with_state(x, e) if with_state else (stack(x, e), None)
 
         x = self.embedding(tokens)
         skips = []
@@ -465,16 +566,18 @@ class SaShiMi(nn.Module):
     # --- recurrent mode --------------------------------------------------------------------------
 
     @torch.no_grad()
-    def initial_state(self, batch: int) -> SaShiMiState:
-        """The state before the first sample, with each S4 layer's discrete parameters precomputed."""
+    def initial_state(self, batch: int, labels: Tensor | None = None) -> SaShiMiState:
+        """The state before the first sample, with each S4 layer's discrete parameters and label
+        bias precomputed. labels (batch, n_fields) as in forward."""
+        e = self.label_embedding(labels, batch)
         tiers = []
         for up, stack in zip(self.up_pools, self.up_stacks, strict=True):
             H = up.linear.out_features // up.p
             zeros = torch.zeros(
                 batch, up.p, H, device=self.head.weight.device, dtype=self.head.weight.dtype
             )
-            tiers.append(TierState(0, (), zeros, stack.initial_state(batch)))
-        return SaShiMiState(tuple(tiers), self.center.initial_state(batch))
+            tiers.append(TierState(0, (), zeros, stack.initial_state(batch, e)))
+        return SaShiMiState(tuple(tiers), self.center.initial_state(batch, e))
 
     def step(self, token: Tensor, state: SaShiMiState) -> tuple[Tensor, SaShiMiState]:
         """One sample: token (batch,) -> logits (batch, n_classes) for the next sample, new state."""
@@ -528,7 +631,7 @@ class SaShiMi(nn.Module):
         return h + y
 
     @torch.no_grad()
-    def prime(self, tokens: Tensor) -> tuple[Tensor, SaShiMiState]:
+    def prime(self, tokens: Tensor, labels: Tensor | None = None) -> tuple[Tensor, SaShiMiState]:
         """Read a whole prompt in convolution mode: logits (batch, T, n_classes) and the state that
         stepping through all T tokens would leave. The longest prefix that is a multiple of the total
         pooling goes through the parallel pass; the few tokens after it are stepped."""
@@ -536,10 +639,10 @@ class SaShiMi(nn.Module):
         T0 = T // self.config.total_pool * self.config.total_pool
         logits = []
         if T0:
-            prefix_logits, state = self._unet(tokens[:, :T0], with_state=True)
+            prefix_logits, state = self._unet(tokens[:, :T0], labels, with_state=True)
             logits.append(prefix_logits)
         else:
-            state = self.initial_state(batch)
+            state = self.initial_state(batch, labels)
         for t in range(T0, T):
             step_logits, state = self.step(tokens[:, t], state)
             logits.append(step_logits[:, None])

@@ -1,7 +1,8 @@
 """`python -m sashimi.render`: generate clips with a trained model, write them as WAV + PNG files.
 
-Each clip i is written as sample_{i:03d}_seed{seed + i}.wav (16-bit PCM at the model's sample rate)
-with a waveform-and-spectrogram picture beside it. Clip i draws its randomness from seed + i, so
+Each clip i is written as sample_{i:03d}_seed{seed + i}.wav (16-bit PCM at the model's sample rate;
+with --label, the labels follow: sample_000_seed0_digit-7.wav) with a waveform-and-spectrogram
+picture beside it. Clip i draws its randomness from seed + i, so
 `--seed 1237 --num 1` draws clip 3 of a `--seed 1234` run again. With --prompt, each file holds the
 prompt followed by its continuation, and the picture marks where the prompt ends.
 stdout gets one JSON line summarising the run; progress goes to stderr.
@@ -19,11 +20,13 @@ from tqdm import tqdm
 from .audio import load_audio, write_wav
 from .checkpoint import DEFAULT_CHECKPOINT
 from .cli import Parser, add_device_argument
-from .generate import Generator, check_sampling
+from .generate import DEFAULT_GUIDANCE, Generator, check_sampling
+from .labels import labels_slug, parse_assignments
 from .plots import save_figure_png, waveform_spectrogram_figure
 
 EXAMPLES = """examples:
   python -m sashimi.render --num 4 --seconds 2 --out samples/
+  python -m sashimi.render --label digit=7 --label speaker=nicolas --guidance 3 --out sevens/
   python -m sashimi.render --checkpoint runs/piano/best --prompt intro.wav --seconds 10 --out cont/
 """
 
@@ -101,6 +104,22 @@ def build_parser() -> argparse.ArgumentParser:
         help="audio file to continue (any format soundfile reads; resampled to "
         "the model's rate and mixed to mono)",
     )
+    parser.add_argument(
+        "--label",
+        metavar="FIELD=VALUE",
+        action="append",
+        default=[],
+        help="ask a labelled checkpoint for this label, e.g. digit=7 (repeatable; fields left "
+        "out are left open)",
+    )
+    parser.add_argument(
+        "--guidance",
+        metavar="W",
+        type=float,
+        default=None,
+        help="classifier-free guidance weight: 1 = none, larger = closer to the labels "
+        f"(default: {DEFAULT_GUIDANCE:g} with --label, else 1)",
+    )
     add_device_argument(parser, default="auto")
     return parser
 
@@ -145,7 +164,14 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError(
                 f"--seconds {args.seconds} is less than one sample at {sample_rate} Hz"
             )
-        sampling = dict(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k)
+        labels = parse_assignments(args.label)
+        generator.label_rows(labels, 1)  # an unknown field or value: the error names the known
+        guidance = args.guidance if args.guidance is not None else 1.0
+        if args.guidance is None and labels:
+            guidance = DEFAULT_GUIDANCE
+        sampling = dict(
+            temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, guidance=guidance
+        )
         check_sampling(num_samples, batch_size=args.batch_size, **sampling)
     except (FileNotFoundError, ValueError) as error:
         parser.error(str(error))
@@ -164,6 +190,7 @@ def main(argv: list[str] | None = None) -> int:
                 seed=args.seed + first,
                 prompt=prompt,
                 show_progress=False,
+                labels=labels or None,
                 **sampling,
             ):
                 chunks.append(chunk)
@@ -172,6 +199,7 @@ def main(argv: list[str] | None = None) -> int:
             for index, clip in enumerate(np.concatenate(chunks, axis=1), start=first):
                 audio = clip if prompt is None else np.concatenate([prompt, clip])
                 stem = f"sample_{index:03d}_seed{args.seed + index}"
+                stem += f"_{labels_slug(labels)}" if labels else ""
                 title = f"{stem} ({args.checkpoint.name})"
                 wav, png = write_clip(args.out, stem, audio, sample_rate, prompt_end, title)
                 files.append(str(wav))
@@ -191,6 +219,8 @@ def main(argv: list[str] | None = None) -> int:
         "real_time_factor": round(generated / generating, 4),  # > 1: faster than real time
         "device": str(generator.device),
         "checkpoint": str(args.checkpoint),
+        "labels": labels,
+        "guidance": guidance,
     }
     print(json.dumps(summary))
     return 0

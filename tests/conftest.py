@@ -15,6 +15,7 @@ import torch
 
 from sashimi import SaShiMi, SaShiMiConfig
 from sashimi.checkpoint import save_checkpoint
+from sashimi.model import is_label_parameter
 
 # One intra-op thread per process, here and in every subprocess a test starts (app, torchrun,
 # CLIs): on 2 cores, OpenMP threads that spin-wait for busy cores made a forward pass 19x slower
@@ -35,6 +36,23 @@ def tiny_checkpoint(tmp_path_factory):
     config = dataclasses.replace(SaShiMiConfig.preset("tiny"), sample_rate=8000)
     directory = tmp_path_factory.mktemp("checkpoints") / "tiny"
     save_checkpoint(directory, SaShiMi(config).eval(), {"step": 0, "train_data": "random init"})
+    return directory
+
+
+@pytest.fixture(scope="session")
+def tiny_labelled_checkpoint(tmp_path_factory):
+    """A `tiny` model at 8 kHz labelled with digit (0, 1, 7) and speaker (ann, bob), its label
+    weights random (trained ones start at zero, which would hide a wrong label path)."""
+    torch.manual_seed(1)
+    labels = {"digit": {"0": 3, "1": 2, "7": 1}, "speaker": {"ann": 4, "bob": 2}}
+    config = dataclasses.replace(SaShiMiConfig.preset("tiny"), sample_rate=8000, labels=labels)
+    model = SaShiMi(config).eval()
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if is_label_parameter(name):
+                parameter.normal_(0, 0.5)
+    directory = tmp_path_factory.mktemp("checkpoints") / "tiny_labelled"
+    save_checkpoint(directory, model, {"step": 0, "train_data": "random init"})
     return directory
 
 

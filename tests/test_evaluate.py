@@ -109,3 +109,29 @@ def test_include_scores_only_the_matching_files(tiny_checkpoint, audio_folder, c
     included = json.loads(capsys.readouterr().out)
     assert included["files"] == alone["files"] == 2
     assert included["bits_per_sample"] == alone["bits_per_sample"]
+
+
+def test_a_labelled_checkpoint_is_scored_with_and_without_its_labels(
+    tiny_labelled_checkpoint, tiny_checkpoint, tmp_path, capsys
+):
+    import numpy as np
+    import soundfile as sf
+
+    data = tmp_path / "digits"
+    data.mkdir()
+    rng = np.random.default_rng(0)
+    for name in ("7_ann_0.wav", "0_bob_1.wav", "1_zed_2.wav", "notes.wav"):
+        sf.write(data / name, 0.2 * rng.standard_normal(600), 8000)
+    common = ["--checkpoint", str(tiny_labelled_checkpoint), "--data", str(data)]
+    common += ["--seq-len", "512", "--device", "cpu"]
+    assert main([*common, "--labels", r"(?P<digit>\d)_(?P<speaker>[a-z]+)_"]) == 0
+    both = json.loads(capsys.readouterr().out)
+    assert main(common) == 0  # no spec given, none stored with the checkpoint: unlabelled only
+    alone = json.loads(capsys.readouterr().out)
+    assert set(alone) & {"bits_per_sample_unlabelled", "labels"} == set()
+    assert both["bits_per_sample_unlabelled"] == alone["bits_per_sample"]
+    assert abs(both["bits_per_sample"] - both["bits_per_sample_unlabelled"]) > 1e-3
+    with pytest.raises(SystemExit) as exit_:
+        main([*common[:1], str(tiny_checkpoint), *common[2:], "--labels", "folder"])
+    assert exit_.value.code == 2
+    assert "was trained without labels" in capsys.readouterr().err

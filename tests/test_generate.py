@@ -1,6 +1,7 @@
 """The sampling engine against oracles outside it: the model's convolution mode, its functional
 step, a plain softmax, and the Python objects that hold torch memory."""
 
+import dataclasses
 import gc
 import math
 import threading
@@ -12,6 +13,7 @@ import torch
 from sashimi import SaShiMi, SaShiMiConfig
 from sashimi.audio import decode, encode
 from sashimi.generate import Generator, Sampler, check_sampling, fast_step_settings, resolve_device
+from sashimi.model import IGNORE_INDEX, is_label_parameter, nll_bits, shift_inputs
 
 CPU = torch.device("cpu")
 
@@ -96,7 +98,7 @@ def test_primed_state_equals_the_stepped_state_and_continues_right_after_the_pro
     tokens = torch.cat(
         [torch.tensor([[model.start_token]]), classes(generator, prompt)[None]], dim=1
     )
-    logits, primed = generator.start(2, prompt)  # read once, then copied to both clips
+    logits, primed, _ = generator.start(2, prompt)  # read once, then copied to both clips
     with torch.inference_mode():
         stepped = model.initial_state(1)
         for t in range(tokens.shape[1]):
@@ -237,6 +239,8 @@ def test_log_likelihood_matches_stepping(generator):
         (dict(top_p=1.5), r"top_p must be in \(0, 1\]"),
         (dict(top_k=-3), "top_k must be 0"),
         (dict(chunk_size=0), "chunk_size must be at least 1"),
+        (dict(guidance=-1.0), r"guidance must be in \[0, 20\]"),
+        (dict(guidance=math.nan), r"guidance must be in \[0, 20\]"),
     ],
 )
 def test_bad_sampling_arguments_are_refused(generator, kwargs, message):
@@ -316,3 +320,93 @@ def test_cpu_step_settings_hold_until_the_last_overlapping_generation_ends():
         assert (torch.get_num_threads(), torch.backends.mkldnn.enabled) == (2, True)
     finally:
         torch.set_num_threads(threads)
+
+
+# --- labels and guidance ---------------------------------------------------------------------------
+
+VOCABULARY = {"digit": {"0": 3, "1": 2, "7": 1}, "speaker": {"ann": 4, "bob": 2}}
+
+
+@pytest.fixture(scope="module")
+def labelled() -> Generator:
+    """A tiny labelled model with random label weights (trained ones are not at hand; the
+    projections' zero start would make every label path look right)."""
+    torch.manual_seed(2)
+    model = SaShiMi(dataclasses.replace(SaShiMiConfig.preset("tiny"), labels=VOCABULARY))
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if is_label_parameter(name):
+                parameter.normal_(0, 0.5)
+    return Generator(model, device="cpu")
+
+
+def guided_greedy_oracle(
+    model: SaShiMi, tokens: torch.Tensor, labels: torch.Tensor, guidance: float, steps: int
+) -> torch.Tensor:
+    """Classifier-free guidance the slow way: both forwards over the whole sequence per sample."""
+    q = model.config.total_pool
+    unknown = torch.zeros_like(labels)
+    with fast_step_settings(CPU):
+        for _ in range(steps):
+            L = tokens.shape[1]
+            padded = torch.nn.functional.pad(tokens, (0, -L % q), value=model.start_token)
+            given, free = model(padded, labels)[:, L - 1], model(padded, unknown)[:, L - 1]
+            next_token = (free + guidance * (given - free)).argmax(-1)
+            tokens = torch.cat([tokens, next_token[:, None]], dim=1)
+    return tokens
+
+
+@pytest.mark.parametrize("guidance", [1.0, 3.0])
+def test_guided_greedy_samples_equal_the_guided_convolution_oracle(labelled, guidance):
+    model, prompt = labelled.model, prompt_audio(37)  # 38 tokens with the start: not whole groups
+    asked = [{"digit": "7", "speaker": "ann"}, {"digit": "0"}]
+    engine = labelled.generate(
+        50,
+        batch_size=2,
+        temperature=0,
+        prompt=prompt,
+        labels=asked,
+        guidance=guidance,
+        show_progress=False,
+    )
+    start = torch.full((1, 1), model.start_token)
+    context = torch.cat([start, classes(labelled, prompt)[None]], dim=1).expand(2, -1)
+    labels = torch.tensor([[3, 1], [1, 0]])
+    oracle = guided_greedy_oracle(model, context, labels, guidance, 50)[:, context.shape[1] :]
+    expected = decode(oracle, labelled.config.quantization, labelled.config.n_classes).numpy()
+    np.testing.assert_array_equal(engine, expected)
+    unguided = guided_greedy_oracle(model, context, torch.zeros_like(labels), 1.0, 50)
+    assert (oracle != unguided[:, context.shape[1] :]).any()  # the labels changed the clips
+
+
+def test_guidance_one_runs_one_row_per_clip_and_more_runs_two(labelled):
+    rows = labelled.label_rows({"digit": "1"}, 3)
+    assert rows.tolist() == [[2, 0]] * 3
+    _, state, _ = labelled.start(3, labels=rows, guidance=1.0)
+    assert state.rows() == 3
+    _, state, _ = labelled.start(3, labels=rows, guidance=2.5)
+    assert state.rows() == 6
+
+
+def test_unknown_labels_are_refused_with_the_known_ones(labelled, generator):
+    with pytest.raises(ValueError, match="unknown digit '9'; known values: 0, 1, 7"):
+        labelled.generate(10, labels={"digit": "9"}, show_progress=False)
+    with pytest.raises(ValueError, match=r"unknown label field 'voice'"):
+        labelled.generate(10, labels={"voice": "ann"}, show_progress=False)
+    with pytest.raises(ValueError, match="2 entries for 3 clips"):
+        labelled.generate(10, batch_size=3, labels=[{}, {}], show_progress=False)
+    with pytest.raises(ValueError, match="trained without labels"):
+        generator.generate(10, labels={"digit": "1"}, show_progress=False)
+
+
+def test_log_likelihood_with_labels_is_the_labelled_forward(labelled):
+    audio = np.stack([prompt_audio(100), -prompt_audio(100)])
+    asked = [{"digit": "7"}, {"speaker": "bob"}]
+    bits = labelled.log_likelihood(audio, asked)
+    targets = torch.nn.functional.pad(classes(labelled, audio), (0, 12), value=IGNORE_INDEX)
+    model = labelled.model
+    with torch.no_grad():
+        logits = model(shift_inputs(targets, model.start_token), torch.tensor([[3, 0], [0, 2]]))
+    expected = nll_bits(logits, targets, reduction="none").sum(1) / 100
+    np.testing.assert_allclose(bits, expected.numpy(), atol=1e-5)  # the same ops: round-off only
+    assert np.abs(bits - labelled.log_likelihood(audio)).max() > 1e-3

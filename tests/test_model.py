@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from sashimi import SaShiMi, SaShiMiConfig
-from sashimi.model import IGNORE_INDEX, PRESETS, nll_bits, shift_inputs
+from sashimi.model import IGNORE_INDEX, PRESETS, is_label_parameter, nll_bits, shift_inputs
 
 KERNELS = {
     "diagonal": {"kernel": "diagonal", "disc": "zoh"},
@@ -163,3 +163,83 @@ def test_in_place_step_matches_functional_step(kernel):
         torch.testing.assert_close(got.upsampled, want.upsampled, atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(got.stack.x, want.stack.x, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(in_place.center.x, functional.center.x, atol=1e-5, rtol=1e-5)
+
+
+# --- labels ----------------------------------------------------------------------------------------
+
+VOCABULARY = {"digit": {"0": 3, "1": 2, "7": 1}, "speaker": {"ann": 4, "bob": 2}}
+
+
+def build_labelled(kernel: str) -> SaShiMi:
+    """A tiny labelled model whose label weights are random: their projections start at zero (an
+    unconditional start), which would hide a label path that is wrong."""
+    torch.manual_seed(4)
+    config = dataclasses.replace(SaShiMiConfig.preset("tiny"), labels=VOCABULARY, **KERNELS[kernel])
+    model = SaShiMi(config)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if is_label_parameter(name):
+                parameter.normal_(0, 0.5)
+    return model.eval()
+
+
+LABELS = torch.tensor([[1, 2], [3, 0], [0, 0]])  # (digit 0, bob), (digit 7, unknown), all unknown
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_step_matches_forward_with_labels(kernel):
+    model = build_labelled(kernel)
+    tokens = torch.randint(0, 256, (3, 512), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        conv = model(tokens, LABELS)
+        unlabelled = model(tokens)
+        state = model.initial_state(3, LABELS)
+        rec = []
+        for t in range(tokens.shape[1]):
+            logits_t, state = model.step(tokens[:, t], state)
+            rec.append(logits_t)
+    # float32 round-off of FFT against recurrence over 512 steps is ~1e-6; 1e-4 leaves margin
+    assert (conv - torch.stack(rec, 1)).abs().max() <= 1e-4
+    # the labels change the logits, and the all-unknown row is what no labels give
+    assert (conv[:2] - unlabelled[:2]).abs().amax(dim=(1, 2)).min() > 1e-2
+    torch.testing.assert_close(conv[2], unlabelled[2])
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_prime_and_in_place_step_carry_the_labels(kernel):
+    model = build_labelled(kernel)
+    tokens = torch.randint(0, 256, (3, 96), generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        conv = model(tokens, LABELS)
+        primed_logits, state = model.prime(tokens[:, :40], LABELS)  # 40: not whole groups
+        logits = [primed_logits[:, -1]]  # predicts sample 40
+        for t in range(40, 96):
+            logits.append(model.step_(tokens[:, t], state))
+    # round-off only, as in test_step_matches_forward_with_labels
+    assert (primed_logits - conv[:, :40]).abs().max() <= 1e-4
+    assert (torch.stack(logits, 1) - conv[:, 39:]).abs().max() <= 1e-4
+
+
+def test_labels_must_fit_the_model():
+    model = build_labelled("diagonal")
+    tokens = torch.zeros(2, 16, dtype=torch.long)
+    with pytest.raises(ValueError, match=r"shape \(batch, fields\) = \(2, 2\), got \(2, 3\)"):
+        model(tokens, torch.zeros(2, 3, dtype=torch.long))
+    with pytest.raises(ValueError, match="model trained without labels"):
+        build("tiny", "diagonal")(tokens, torch.zeros(2, 1, dtype=torch.long))
+
+
+def test_labelled_config_round_trips_through_json():
+    config = dataclasses.replace(SaShiMiConfig.preset("tiny"), labels=VOCABULARY)
+    assert SaShiMiConfig.from_dict(json.loads(config.to_json())) == config
+    with pytest.raises(ValueError, match="labels\\['digit'\\] must map each value"):
+        SaShiMiConfig(labels={"digit": []})
+
+
+def test_new_label_weights_start_unconditional():
+    torch.manual_seed(0)
+    config = dataclasses.replace(SaShiMiConfig.preset("tiny"), labels=VOCABULARY)
+    model = SaShiMi(config).eval()
+    tokens = torch.randint(0, 256, (3, 64))
+    with torch.no_grad():
+        torch.testing.assert_close(model(tokens, LABELS), model(tokens), rtol=0, atol=0)

@@ -11,6 +11,7 @@ import pytest
 import soundfile as sf
 
 from sashimi.audio import load_audio
+from sashimi.generate import Generator
 from sashimi.render import main
 
 REPO = Path(__file__).resolve().parent.parent
@@ -104,6 +105,72 @@ def test_prompt_is_followed_by_its_continuation(tiny_checkpoint, tmp_path, capsy
     assert summary["prompt_seconds"] == pytest.approx(0.2)
     # the file starts with the prompt as the model heard it (16-bit rounding aside)
     np.testing.assert_allclose(audio[:1600], load_audio(prompt, 8000), atol=2 / 2**15)
+
+
+def test_labels_are_asked_for_and_carried_in_the_file_names(
+    tiny_labelled_checkpoint, tmp_path, capsys
+):
+    common = ["--checkpoint", tiny_labelled_checkpoint, "--seconds", 0.05, "--device", "cpu"]
+    summary = render(
+        capsys,
+        *common,
+        "--num",
+        2,
+        "--label",
+        "digit=7",
+        "--label",
+        "speaker=bob",
+        "--guidance",
+        3,
+        "--out",
+        tmp_path / "sevens",
+    )
+    names = [Path(f).name for f in summary["files"]]
+    assert names == [
+        "sample_000_seed0_digit-7_speaker-bob.wav",
+        "sample_001_seed1_digit-7_speaker-bob.wav",
+    ]
+    assert summary["labels"] == {"digit": "7", "speaker": "bob"} and summary["guidance"] == 3
+    generator = Generator.from_checkpoint(tiny_labelled_checkpoint, device="cpu")
+    expected = generator.generate(
+        400,
+        batch_size=2,
+        labels={"digit": "7", "speaker": "bob"},
+        guidance=3,
+        show_progress=False,
+    )
+    for name, clip in zip(summary["files"], expected, strict=True):
+        np.testing.assert_allclose(sf.read(name)[0], clip, atol=1 / 2**15)  # 16-bit rounding
+    unlabelled = render(capsys, *common, "--num", 1, "--out", tmp_path / "any")
+    assert unlabelled["guidance"] == 1.0 and unlabelled["labels"] == {}
+
+
+@pytest.mark.parametrize(
+    "label, message",
+    [
+        ("digit=9", "unknown digit '9'; known values: 0, 1, 7"),
+        ("voice=ann", r"unknown label field 'voice'; this checkpoint has \['digit', 'speaker'\]"),
+        ("digit", "--label takes FIELD=VALUE"),
+    ],
+)
+def test_unknown_labels_exit_2_naming_the_known_ones(
+    tiny_labelled_checkpoint, tmp_path, capsys, label, message
+):
+    with pytest.raises(SystemExit) as exit_info:
+        main(
+            [
+                "--checkpoint",
+                str(tiny_labelled_checkpoint),
+                "--out",
+                str(tmp_path / "o"),
+                "--label",
+                label,
+                "--device",
+                "cpu",
+            ]
+        )
+    assert exit_info.value.code == 2
+    assert re.search(message, one_error_line(capsys))
 
 
 def one_error_line(capsys) -> str:

@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 from sashimi.audio import QUANTIZATIONS
+from sashimi.checkpoint import load_checkpoint
 from sashimi.cli import Parser, add_device_argument
 from sashimi.model import KERNELS, PRESETS, SaShiMiConfig
 
@@ -105,6 +106,30 @@ def build_parser() -> argparse.ArgumentParser:
         "scale each training window by a random gain within +-DB decibels",
         dest="gain_db",
     )
+    add(
+        data,
+        "--labels",
+        "SPEC",
+        str,
+        "condition on labels read from each file's path under --data: 'folder' (its first "
+        "folder is field 'class'), or a regex whose named groups are fields, e.g. "
+        r"'(?P<digit>\d)_(?P<speaker>[a-z]+)_'",
+    )
+    add(
+        data,
+        "--label-dropout",
+        "P",
+        float,
+        "probability that a field of a window is made unknown, so the model also learns "
+        "without it (and can be guided)",
+    )
+    data.add_argument(
+        "--score-padding",
+        action="store_true",
+        default=argparse.SUPPRESS,
+        help="score the silence padded after each file's end, so the model learns where "
+        "sounds stop (for short clips such as spoken words)",
+    )
 
     model = parser.add_argument_group("model")
     model.add_argument(
@@ -153,6 +178,14 @@ def build_parser() -> argparse.ArgumentParser:
     add(loop, "--num-samples", "K", int, "clips generated at each validation (0: none)")
     add(loop, "--sample-seconds", "S", float, "length of each generated clip")
     add(loop, "--seed", "K", int, "seed of weights, data order, augmentation and dropout")
+    add(
+        loop,
+        "--init",
+        "DIR",
+        str,
+        "start from the weights of this checkpoint (its architecture; new label weights start "
+        "at zero)",
+    )
     add_device_argument(
         loop, help="where to run: auto picks CUDA when present, else the CPU (default: auto)"
     )
@@ -187,6 +220,16 @@ def resolve(args: argparse.Namespace) -> tuple[SaShiMiConfig, TrainConfig, bool]
             raise ValueError(f"the model of a resumed run is fixed; drop {', '.join(fixed)}")
         config, saved = resume_configs(args.out)
         return config, dataclasses.replace(saved, **train_flags), False
+
+    if "init" in given:
+        fixed = sorted({"preset", "config"} & set(given) | set(model_flags) - {"dropout"})
+        if fixed:
+            raise ValueError(f"--init takes the model from {args.init}; drop {', '.join(fixed)}")
+        if "data" not in train_flags:
+            raise ValueError("--data DIR is required (a folder of audio files)")
+        initial = load_checkpoint(args.init)[0].config
+        config = dataclasses.replace(initial, labels={}, **model_flags)
+        return config, TrainConfig.from_dict(train_flags), False
 
     file = {}
     if "config" in given:

@@ -46,8 +46,25 @@ from sashimi.data import (
     take_windows,
 )
 from sashimi.evaluate import evaluate_bits
-from sashimi.generate import Generator, resolve_device
-from sashimi.model import SaShiMi, SaShiMiConfig, config_from_dict, nll_bits
+from sashimi.generate import DEFAULT_GUIDANCE, Generator, resolve_device
+from sashimi.labels import (
+    LabelSpec,
+    Vocabulary,
+    build_vocabulary,
+    describe,
+    drop_labels,
+    label_tensor,
+    labels_slug,
+    read_labels,
+)
+from sashimi.model import (
+    IGNORE_INDEX,
+    SaShiMi,
+    SaShiMiConfig,
+    config_from_dict,
+    is_label_parameter,
+    nll_bits,
+)
 from sashimi.plots import save_figure_png
 
 log = logging.getLogger(__name__)
@@ -70,6 +87,10 @@ class TrainConfig:
     seq_len: int = 8192  # samples per training window, a multiple of the model's total pooling
     min_seconds: float = 0.1  # shorter files are skipped; shorter windows are padded to seq_len
     gain_db: float = 0.0  # training windows scaled by a random gain in [-gain_db, gain_db] dB
+    labels: str | None = None  # "folder" or a regex with named groups (sashimi/labels.py)
+    label_dropout: float = 0.15  # each field of each window is made unknown with this probability
+    score_padding: bool = False  # score the silence after a clip's end: the model learns to stop
+    init: str | None = None  # checkpoint to start from (same architecture; new label weights at 0)
     recompute_activations: bool = False  # SaShiMi.recompute_activations: less memory, more time
     steps: int = 20_000
     batch_size: int = 16  # windows per step and process
@@ -100,6 +121,8 @@ class TrainConfig:
             "num_samples",
             "sample_seconds",
         )
+        if not 0 <= self.label_dropout <= 1:
+            raise ValueError(f"label_dropout must be in [0, 1], got {self.label_dropout}")
         for name in at_least_zero:
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must not be negative, got {getattr(self, name)}")
@@ -271,6 +294,15 @@ def write_card(directory: Path, config: SaShiMiConfig, metadata: dict) -> None:
             f"({metadata['valid_data']})"
         )
     )
+    labels = ""
+    if config.labels:
+        unlabelled = metadata["valid_bits_per_sample_unlabelled"]
+        labels = (
+            f"| labels | `--labels {metadata['labels']}`, label dropout "
+            f"{metadata['label_dropout']}; validation with every field unknown: "
+            + ("-" if unlabelled is None else f"{unlabelled:.3f} bits per sample")
+            + " |\n"
+        )
     text = f"""# SaShiMi model trained on `{metadata["train_data"]}`
 
 | | |
@@ -285,18 +317,25 @@ pool {list(config.pool)}, expand {config.expand}, S4 kernel {config.kernel} (N =
 | training | {metadata["step"]:,} steps of {metadata["batch_size"]} x {metadata["seq_len"]:,} \
 samples per process, {processes}, {_duration(metadata["wall_time_s"])} on {metadata["device"]} |
 | validation | {valid} |
-
+{labels}
 Reproduce:
 
 ```
 {metadata["command"]}
 ```
 
-## Known limitations
+{_vocabulary_section(config)}## Known limitations
 
 - To be written by the person who listened to its samples.
 """
     (directory / "card.md").write_text(text)
+
+
+def _vocabulary_section(config: SaShiMiConfig) -> str:
+    if not config.labels:
+        return ""
+    lines = "\n".join(f"- {line}" for line in describe(config.labels).splitlines())
+    return f"## Labels (values with their number of training files)\n\n{lines}\n\n"
 
 
 def append_metrics(run_dir: Path, row: dict) -> None:
@@ -346,18 +385,81 @@ def plot_metrics(run_dir: Path) -> None:
     save_figure_png(fig, run_dir / "metrics.png")
 
 
+def sample_labels(vocabulary: Vocabulary, count: int) -> list[dict[str, str]]:
+    """Labels for `count` sample clips: clip k takes value k (cycling) of every field."""
+    return [
+        {field: list(values)[k % len(values)] for field, values in vocabulary.items()}
+        for k in range(count)
+    ]
+
+
 def write_samples(model: SaShiMi, run_dir: Path, step: int, cfg: TrainConfig) -> None:
     """A few clips generated with the recurrent API, always from the same seed, so the clips of
-    successive validations are comparable."""
+    successive validations are comparable. A labelled model's clips take sample_labels, guided,
+    and carry them in their names."""
     num_samples = round(cfg.sample_seconds * model.config.sample_rate)
     if cfg.num_samples == 0 or num_samples == 0:
         return
     generator = Generator(model, device=next(model.parameters()).device)
+    labels = sample_labels(model.config.labels, cfg.num_samples)
     clips = generator.generate(
-        num_samples, batch_size=cfg.num_samples, seed=cfg.seed, show_progress=False
+        num_samples,
+        batch_size=cfg.num_samples,
+        seed=cfg.seed,
+        show_progress=False,
+        labels=labels if model.config.labels else None,
+        guidance=DEFAULT_GUIDANCE if model.config.labels else 1.0,
     )
     for k, clip in enumerate(clips):
-        write_wav(run_dir / "samples" / f"step_{step:06d}_{k}.wav", clip, model.config.sample_rate)
+        slug = labels_slug(labels[k])
+        name = f"step_{step:06d}_{k}" + (f"_{slug}" if slug else "") + ".wav"
+        write_wav(run_dir / "samples" / name, clip, model.config.sample_rate)
+
+
+def start_from(model: SaShiMi, directory: str) -> None:
+    """Copy the weights of the checkpoint in `directory` into `model` (--init). The architecture
+    must be the same; label weights are copied only when the vocabularies are the same, and
+    otherwise keep their initial values (the projections start at zero)."""
+    source, _ = load_checkpoint(directory)
+    same_labels = source.config.labels == model.config.labels
+    weights = {
+        name: tensor
+        for name, tensor in source.state_dict().items()
+        if same_labels or not is_label_parameter(name)
+    }
+    try:
+        missing, unexpected = model.load_state_dict(weights, strict=False)
+    except RuntimeError as error:
+        raise ValueError(
+            f"--init {directory}: its weights do not fit this model: {error}"
+        ) from None
+    missing = [name for name in missing if not is_label_parameter(name)]
+    if missing or unexpected:
+        raise ValueError(
+            f"--init {directory} is another architecture: missing {missing[:5]}, "
+            f"unexpected {unexpected[:5]}"
+        )
+
+
+def read_run_labels(
+    cfg: TrainConfig, train_clips: list, valid_clips: list
+) -> tuple[Vocabulary, list, list]:
+    """(vocabulary, labels of each training clip, of each validation clip) for cfg.labels;
+    ({}, [], []) without labels. Logs the vocabulary once."""
+    if cfg.labels is None:
+        return {}, [], []
+    spec = LabelSpec.parse(cfg.labels)
+    train_labels = read_labels(spec, [c.path for c in train_clips], "training")
+    vocabulary = build_vocabulary(spec.fields, train_labels)
+    empty = [field for field, values in vocabulary.items() if not values]
+    if empty:
+        raise ValueError(
+            f"--labels {cfg.labels!r} gives no training file a value for {', '.join(empty)}; "
+            f"paths look like {train_clips[0].path!r}"
+        )
+    valid_labels = read_labels(spec, [c.path for c in valid_clips], "validation", vocabulary)
+    log.info(f"labels:\n{describe(vocabulary)}")
+    return vocabulary, train_labels, valid_labels
 
 
 # --- the run -------------------------------------------------------------------------------------
@@ -399,6 +501,13 @@ def train(
             cfg.valid_data, cfg.exclude, run_dir / "manifest_valid.json", ignore=(run_dir,)
         )
         train_clips, valid_clips = clips, valid_folder.load(sample_rate)
+    vocabulary, train_labels, valid_labels = read_run_labels(cfg, train_clips, valid_clips)
+    if resume and vocabulary != config.labels:
+        raise ValueError(
+            f"the labels of {cfg.data} differ from those {run_dir}/last was trained with; "
+            "resume with the same data, or start a new --out"
+        )
+    config = dataclasses.replace(config, labels=vocabulary)
     if master:
         run_dir.mkdir(parents=True, exist_ok=True)
         folder.save_manifest(run_dir / "manifest.json")
@@ -412,9 +521,11 @@ def train(
             f"use {max(q, L // q * q)} or {(L // q + 1) * q}"
         )
     windows = cut_windows(train_clips, cfg.seq_len, min_samples)
-    valid_tokens = encode_windows(
-        valid_clips, cut_windows(valid_clips, cfg.seq_len), config.quantization, config.n_classes
-    )
+    valid_windows = cut_windows(valid_clips, cfg.seq_len)
+    valid_tokens = encode_windows(valid_clips, valid_windows, config.quantization, config.n_classes)
+    valid_label_rows = None
+    if vocabulary:
+        valid_label_rows = label_tensor(vocabulary, [valid_labels[w.clip] for w in valid_windows])
     if not valid_clips:
         log.warning(
             "no validation files (one usable file, or valid_fraction 0): best/ is not written"
@@ -429,11 +540,14 @@ def train(
     # --- model, optimiser, and where we are ----------------------------------------------------
     torch.manual_seed(cfg.seed)
     model = SaShiMi(config).recompute_activations(cfg.recompute_activations).to(device)
+    if cfg.init is not None and not resume:
+        start_from(model, cfg.init)
     optimizer = make_optimizer(model, cfg)
     gain_rng = torch.Generator().manual_seed(cfg.seed)
     torch.manual_seed(cfg.seed + 1 + rank)  # dropout: its own stream in each process
     step, epoch, index, elapsed, best_bits = 0, 0, 0, 0.0, math.inf
     train_bits, valid_bits = None, None  # means of the last logged interval, the last validation
+    valid_bits_unlabelled = None  # a labelled model's last validation with every field unknown
     if resume:
         last = run_dir / "last"
         if master:
@@ -445,6 +559,7 @@ def train(
         restore_optimizer(optimizer, tensors, state)
         step, epoch, index = state["step"], state["epoch"], state["index"]
         train_bits, valid_bits = state["train_bits"], state["valid_bits"]
+        valid_bits_unlabelled = state.get("valid_bits_unlabelled")
         elapsed, best_bits = state["elapsed_s"], state["best_valid_bits"] or math.inf
         gain_rng.set_state(tensors["rng.gain"])
         if state["world_size"] == world:
@@ -472,6 +587,15 @@ def train(
             "step": step,
             "valid_bits_per_sample": valid_bits,
             "train_bits_per_sample": train_bits,
+            **(
+                {
+                    "valid_bits_per_sample_unlabelled": valid_bits_unlabelled,
+                    "labels": cfg.labels,
+                    "label_dropout": cfg.label_dropout,
+                }
+                if vocabulary
+                else {}
+            ),
             "train_data": cfg.data,
             "valid_data": cfg.valid_data or f"{cfg.valid_fraction:.0%} of {cfg.data}",
             "n_train_files": len(train_clips),
@@ -505,6 +629,7 @@ def train(
             "elapsed_s": meta["wall_time_s"],
             "train_bits": train_bits,
             "valid_bits": valid_bits,
+            "valid_bits_unlabelled": valid_bits_unlabelled,
             "best_valid_bits": None if best_bits == math.inf else best_bits,
             "world_size": world,
             "train_config": cfg.to_dict(),
@@ -548,8 +673,18 @@ def train(
         inputs, targets = make_batch(
             train_clips, mine, cfg.seq_len, config.quantization, config.n_classes, gains
         )
+        if cfg.score_padding:  # the padding after a clip's end is silence the model must predict
+            targets = targets.masked_fill(targets == IGNORE_INDEX, model.start_token)
+        labels = None
+        if vocabulary:  # a function of (seed, step, rank): a resumed run drops the same fields
+            labels = drop_labels(
+                label_tensor(vocabulary, [train_labels[w.clip] for w in mine]),
+                cfg.label_dropout,
+                torch.Generator().manual_seed((cfg.seed * 1_000_003 + step) * world + rank),
+            ).to(device)
         with autocast:
-            loss = nll_bits(net(inputs.to(device)).float(), targets.to(device))  # bits per sample
+            logits = net(inputs.to(device), labels)
+            loss = nll_bits(logits.float(), targets.to(device))  # bits per sample
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or math.inf)
@@ -587,7 +722,9 @@ def train(
                 interval_steps * world * cfg.batch_size * cfg.seq_len / (now - interval_start)
             )
             if validate and valid_tokens:
-                valid_bits = evaluate_bits(model, valid_tokens, cfg.batch_size)
+                valid_bits = evaluate_bits(model, valid_tokens, cfg.batch_size, valid_label_rows)
+                if vocabulary:
+                    valid_bits_unlabelled = evaluate_bits(model, valid_tokens, cfg.batch_size)
                 if valid_bits < best_bits:
                     best_bits = valid_bits
                     save_best()
@@ -607,7 +744,11 @@ def train(
             )
             if validate:
                 plot_metrics(run_dir)
-                known = {"train": train_bits, "valid": valid_bits}
+                known = {
+                    "train": train_bits,
+                    "valid": valid_bits,
+                    "valid without labels": valid_bits_unlabelled,
+                }
                 summary = ", ".join(f"{k} {v:.3f}" for k, v in known.items() if v is not None)
                 bar.write(f"step {step:,}: {summary} bits/sample", file=sys.stderr)
             interval_bits, interval_start, interval_steps = [], time.perf_counter(), 0
