@@ -11,6 +11,7 @@ the reference implementation (255 samples/s and 10.6 GB with its DPLR kernel, 63
 """
 
 import argparse
+import dataclasses
 import json
 import resource
 import statistics
@@ -44,10 +45,7 @@ def worker(spec: str, steps: int, warmup: int) -> dict:
     """Time `steps` training steps after `warmup` ones for one configuration, in this process."""
     preset, kernel, batch, L, *options = spec.split(":")  # options: "recompute"
     batch, L = int(batch), int(L)
-    disc = "bilinear" if kernel == "dplr" else "zoh"
-    config = SaShiMiConfig(
-        **{**SaShiMiConfig.preset(preset).to_dict(), "kernel": kernel, "disc": disc}
-    )
+    config = dataclasses.replace(SaShiMiConfig.preset(preset), kernel=kernel, disc=None)
     torch.manual_seed(0)
     model = SaShiMi(config).recompute_activations("recompute" in options)
     optimizer = make_optimizer(model, TrainConfig(data="-", out="-"))

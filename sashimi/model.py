@@ -27,7 +27,10 @@ from .labels import UNKNOWN, Vocabulary
 from .s4 import DISCRETIZATIONS, S4, DiagonalStep, DPLRStep
 
 IGNORE_INDEX = -100  # target value of padding: scored by nothing (F.cross_entropy's ignore_index)
-KERNELS = ("diagonal", "dplr")
+# Each kernel and the discretisation it takes unless told: the DPLR kernel is the bilinear
+# transform's (Cauchy sums at its FFT nodes), so it has no other; S4D's default is ZOH.
+KERNEL_DISCRETIZATION = {"diagonal": "zoh", "dplr": "bilinear"}
+KERNELS = tuple(KERNEL_DISCRETIZATION)
 INITS = ("legs", "lin")
 
 
@@ -56,7 +59,7 @@ class SaShiMiConfig:
     d_state: int = 64  # N, the SSM state size (N/2 complex modes stored)
     kernel: str = "diagonal"  # "diagonal" (S4D, Vandermonde) or "dplr" (S4, Cauchy + Woodbury)
     init: str = "legs"  # diagonal A: "legs" (S4D-LegS) or "lin" (S4D-Lin); dplr is always LegS
-    disc: str = "zoh"  # "zoh" or "bilinear"; dplr needs "bilinear"
+    disc: str | None = None  # "zoh" or "bilinear"; None: the kernel's (KERNEL_DISCRETIZATION)
     dt_min: float = 1e-3  # dt is initialised log-uniform in [dt_min, dt_max]
     dt_max: float = 1e-1
     dropout: float = 0.0
@@ -67,6 +70,8 @@ class SaShiMiConfig:
     def __post_init__(self):
         object.__setattr__(self, "pool", tuple(self.pool))
         object.__setattr__(self, "labels", _checked_vocabulary(self.labels))
+        if self.disc is None and self.kernel in KERNEL_DISCRETIZATION:
+            object.__setattr__(self, "disc", KERNEL_DISCRETIZATION[self.kernel])
         choices = {
             "quantization": QUANTIZATIONS,
             "kernel": KERNELS,
@@ -79,6 +84,10 @@ class SaShiMiConfig:
         if self.kernel == "dplr" and self.disc != "bilinear":
             raise ValueError(
                 'kernel="dplr" needs disc="bilinear" (its kernel is the bilinear transform)'
+            )
+        if self.kernel == "dplr" and self.init != "legs":
+            raise ValueError(
+                f'kernel="dplr" is always HiPPO-LegS; init={self.init!r} is for the diagonal kernel'
             )
         positive = ("n_classes", "sample_rate", "d_model", "n_layers", "expand", "ff", "d_state")
         for name in positive:

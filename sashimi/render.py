@@ -91,7 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--seed",
-        metavar="K",
+        metavar="SEED",
         type=int,
         default=0,
         help="random seed of the first clip; clip i uses seed + i",

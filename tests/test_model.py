@@ -111,6 +111,10 @@ def test_config_rejects_bad_values_with_the_fix_in_the_message():
         SaShiMiConfig(kernel="fft")
     with pytest.raises(ValueError, match='needs disc="bilinear"'):
         SaShiMiConfig(kernel="dplr", disc="zoh")
+    with pytest.raises(ValueError, match='kernel="dplr" is always HiPPO-LegS; init=.lin'):
+        SaShiMiConfig(kernel="dplr", init="lin")
+    assert SaShiMiConfig(kernel="dplr").disc == "bilinear"  # each kernel's own unless told
+    assert SaShiMiConfig().disc == "zoh"
 
 
 @pytest.mark.parametrize("kernel", ["diagonal", "dplr"])

@@ -371,3 +371,9 @@ def test_score_padding_scores_the_silence_after_each_file(labelled_folder, tmp_p
     ignored = float(read_metrics(tmp_path / "ignored")[-1]["train_bits"])
     scored = float(read_metrics(tmp_path / "scored")[-1]["train_bits"])
     assert scored < 0.75 * ignored, (scored, ignored)  # seen: 1.29 against 2.52
+
+
+def test_kernel_flag_takes_its_own_discretisation(tmp_path):
+    args = build_parser().parse_args("--data d --out o --preset tiny --kernel dplr".split())
+    config, _, _ = resolve(args)
+    assert (config.kernel, config.disc) == ("dplr", "bilinear")

@@ -29,16 +29,8 @@ EXAMPLES = """examples:
   python -m train --out runs/fsdd --resume --steps 40000
 """
 
-# flag -> field; flags left out of the command line keep the lower-precedence value
-MODEL_FLAGS = {
-    "sample_rate": int,
-    "quantization": str,
-    "d_model": int,
-    "n_layers": int,
-    "d_state": int,
-    "kernel": str,
-    "dropout": float,
-}
+# flags that set a SaShiMiConfig field; flags left out keep the lower-precedence value
+MODEL_FLAGS = ("sample_rate", "quantization", "d_model", "n_layers", "d_state", "kernel", "dropout")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -209,8 +201,6 @@ def resolve(args: argparse.Namespace) -> tuple[SaShiMiConfig, TrainConfig, bool]
     """(model config, training config, rate_from_data) from preset < --config file < flags."""
     given = vars(args)
     model_flags = {k: v for k, v in given.items() if k in MODEL_FLAGS}
-    if given.get("kernel") == "dplr":
-        model_flags["disc"] = "bilinear"  # the DPLR kernel is the bilinear transform's
     train_flags = {k: v for k, v in given.items() if k in FIELDS}
     if "exclude" in train_flags:
         train_flags["exclude"] = tuple(train_flags["exclude"])
@@ -239,7 +229,9 @@ def resolve(args: argparse.Namespace) -> tuple[SaShiMiConfig, TrainConfig, bool]
             raise ValueError(f"{args.config} is not valid JSON: {error}") from error
         if not isinstance(file, dict) or set(file) - {"model", "train"}:
             raise ValueError(f'{args.config} must hold {{"model": {{...}}, "train": {{...}}}}')
-    model = SaShiMiConfig.preset(given.get("preset", "sc09")).to_dict()
+    preset = given.get("preset", "sc09")
+    SaShiMiConfig.preset(preset)  # an unknown name: the error lists the known ones
+    model = dict(PRESETS[preset])  # only what the preset sets: disc follows the kernel unless set
     model.update(file.get("model", {}))
     model.update(model_flags)
     if "data" not in train_flags and "data" not in file.get("train", {}):
