@@ -1,13 +1,23 @@
 """What the command lines share (sashimi/cli.py): a user error is the one line `PROG: error: ...`
-on stderr and exit status 2, here for checkpoints that are damaged in each way a load can find."""
+on stderr and exit status 2, here for checkpoints damaged in each way a load can find, runs that
+--resume cannot continue and runs a fresh start would overwrite."""
 
 import json
+import os
 import shutil
 
+import numpy as np
 import pytest
+import soundfile as sf
 from safetensors.torch import load_file, save_file
 
 from sashimi import evaluate, render
+from sashimi.checkpoint import load_checkpoint
+from train.__main__ import main as train_main
+
+# The tiny preset on 256-sample windows, validating and saving every 2 steps.
+TRAIN = "--preset tiny --seq-len 256 --batch-size 2 --warmup 2 --device cpu --num-samples 1"
+TRAIN += " --sample-seconds 0.02 --valid-every 2 --save-every 2 --log-every 2"
 
 
 def config_is_a_list(folder):
@@ -47,3 +57,85 @@ def test_a_damaged_checkpoint_is_one_line_and_exit_2(
     lines = captured.err.splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"{prog}: error: {folder}/"), captured.err
     assert captured.out == ""
+
+
+# --- python -m train: runs that exist in any state, and damaged trainer state --------------------
+
+
+@pytest.fixture(scope="module")
+def tones(tmp_path_factory):
+    """Four 1 s tones at 8 kHz."""
+    folder = tmp_path_factory.mktemp("tones")
+    t = np.arange(8000) / 8000
+    for k, hz in enumerate((220, 330, 440, 550)):
+        sf.write(folder / f"tone_{k}.wav", 0.4 * np.sin(2 * np.pi * hz * t), 8000)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def two_step_run(tones, tmp_path_factory):
+    """A run of 2 steps: last/ and best/ saved once (read-only use: copy it to change it)."""
+    out = tmp_path_factory.mktemp("runs") / "run"
+    assert (
+        train_main(["--data", str(tones), "--out", str(out), *TRAIN.split(), "--steps", "2"]) == 0
+    )
+    return out
+
+
+def error_line(capsys) -> str:
+    """The one line a user error leaves on stderr, after the logs."""
+    errors = [line for line in capsys.readouterr().err.splitlines() if ": error: " in line]
+    assert len(errors) == 1, errors
+    return errors[0]
+
+
+def test_a_run_killed_between_the_renames_of_a_save_is_refused_then_resumed(
+    two_step_run, tones, tmp_path, capsys
+):
+    """kill -9 between replace_folder's renames leaves last.old/ and no last/: a fresh start must
+    still see the run, and --resume must continue it from last.old/."""
+    out = shutil.copytree(two_step_run, tmp_path / "run")
+    os.replace(out / "last", out / "last.old")
+    (out / "last.tmp").mkdir()  # the new save, complete or not, is dropped
+    args = ["--data", str(tones), "--out", str(out), *TRAIN.split(), "--steps", "4"]
+    with pytest.raises(SystemExit) as exit:
+        train_main(args)
+    assert exit.value.code == 2
+    assert error_line(capsys) == (
+        f"python -m train: error: {out} already holds a run (last.old/); pass --resume to "
+        "continue it, or another --out"
+    )
+    shutil.rmtree(out / "last.old")  # best/ alone is a run as well
+    with pytest.raises(SystemExit):
+        train_main(args)
+    assert f"{out} already holds a run (best/)" in error_line(capsys)
+
+    out = shutil.copytree(two_step_run, tmp_path / "resumed")
+    os.replace(out / "last", out / "last.old")
+    assert train_main(["--out", str(out), "--resume", "--steps", "4"]) == 0
+    assert load_checkpoint(out / "last")[1]["step"] == 4
+    assert sorted(p.name for p in out.iterdir() if p.is_dir()) == ["best", "last", "samples"]
+
+
+RESUME_DAMAGES = {  # file in last/ -> (its new bytes, the error after the file's path)
+    "trainer_state.safetensors": (b"\x10\x00", "is damaged (Error while deserializing header"),
+    "trainer_state.json": (b"{step", "is damaged (not valid JSON: Expecting property name"),
+    "config.json": (b"[]", "must hold a JSON object of model settings"),
+}
+
+
+@pytest.mark.parametrize("file", RESUME_DAMAGES)
+def test_resume_from_a_damaged_last_folder_is_one_line_naming_the_file(
+    file, two_step_run, tmp_path, capsys
+):
+    out = shutil.copytree(two_step_run, tmp_path / "run")
+    content, expected = RESUME_DAMAGES[file]
+    (out / "last" / file).write_bytes(content)
+    with pytest.raises(SystemExit) as exit:
+        train_main(["--out", str(out), "--resume", "--steps", "4"])
+    assert exit.value.code == 2
+    line = error_line(capsys)
+    assert line.startswith(f"python -m train: error: {out / 'last' / file} {expected}"), line
+    if file.startswith("trainer_state"):
+        go_on = f"start a new one from its weights with --init {out / 'last'} and another --out"
+        assert line.endswith(go_on), line

@@ -18,25 +18,35 @@ only rank 0 validates and writes files.
 import csv
 import dataclasses
 import hashlib
+import io
 import json
 import logging
 import math
 import os
-import shutil
 import sys
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 from matplotlib.figure import Figure
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 from sashimi.audio import write_wav
-from sashimi.checkpoint import atomic_write, load_checkpoint, save_checkpoint
+from sashimi.checkpoint import (
+    atomic_write,
+    load_checkpoint,
+    read_config,
+    recover_folder,
+    replace_folder,
+    reporting_full_disk,
+    resolve_save,
+    save_checkpoint,
+    tensor_bytes,
+)
 from sashimi.data import (
     AudioFolder,
     cut_windows,
@@ -72,6 +82,9 @@ log = logging.getLogger(__name__)
 SSM_MAX_LR = 1e-3  # S4's dt, A, B (and P) train at most this fast, without weight decay (S4 paper)
 MAX_NONFINITE_STEPS = 5  # consecutive steps with a non-finite loss or gradient before giving up
 TRAINER_STATE = "trainer_state"  # .safetensors (tensors) + .json (scalars), only in last/
+TRAINER_STATE_KEYS = ("step", "epoch", "index", "elapsed_s", "train_bits", "valid_bits")
+TRAINER_STATE_KEYS += ("best_valid_bits", "world_size", "optimizer_param_groups")
+TRAINER_STATE_TENSORS = ("rng.gain", "rng.torch_cpu")
 METRICS_COLUMNS = ("step", "train_bits", "valid_bits", "lr", "samples_per_s", "elapsed_s")
 
 
@@ -206,31 +219,6 @@ def weights_sha1(model: SaShiMi) -> str:
 # --- the run directory ---------------------------------------------------------------------------
 
 
-def replace_folder(target: Path, write: Callable[[Path], None]) -> None:
-    """Write a complete new folder with write(tmp), then swap it in for `target`.
-
-    kill -9 at any moment: while tmp is written, `target` is the previous save. Between the two
-    renames `target` is missing for two system calls, and `target.old` holds the previous save;
-    recover_folder() puts it back at the next start. After both, `target` is the new save.
-    """
-    recover_folder(target)
-    tmp, old = target.with_name(target.name + ".tmp"), target.with_name(target.name + ".old")
-    write(tmp)
-    if target.exists():
-        os.replace(target, old)
-    os.replace(tmp, target)
-    shutil.rmtree(old, ignore_errors=True)
-
-
-def recover_folder(target: Path) -> None:
-    """Undo a save that was killed halfway (see replace_folder): keep whichever copy is complete."""
-    tmp, old = target.with_name(target.name + ".tmp"), target.with_name(target.name + ".old")
-    if not target.exists() and old.exists():
-        os.replace(old, target)
-    shutil.rmtree(old, ignore_errors=True)
-    shutil.rmtree(tmp, ignore_errors=True)
-
-
 def trainer_state(
     optimizer: torch.optim.Optimizer, rng: dict[str, torch.Tensor], scalars: dict
 ) -> tuple[dict[str, torch.Tensor], dict]:
@@ -256,24 +244,49 @@ def restore_optimizer(optimizer: torch.optim.Optimizer, tensors: dict, state: di
 
 
 def read_trainer_state(last: Path) -> tuple[dict[str, torch.Tensor], dict]:
+    """The tensors and the JSON of the trainer state in `last`; a missing or damaged file is an
+    error naming it and saying how to go on."""
     json_path = last / f"{TRAINER_STATE}.json"
+    tensors_path = last / f"{TRAINER_STATE}.safetensors"
     if not json_path.is_file():
         raise FileNotFoundError(
             f"{last} has no {TRAINER_STATE}.json; --resume needs the last/ folder of a run that "
             "saved at least once"
         )
-    return load_file(str(last / f"{TRAINER_STATE}.safetensors")), json.loads(json_path.read_text())
+    go_on = (
+        "the run cannot continue exactly; start a new one from its weights with "
+        f"--init {last} and another --out"
+    )
+    try:
+        tensors = load_file(str(tensors_path))
+    except (SafetensorError, OSError) as error:
+        raise ValueError(f"{tensors_path} is damaged ({error}); {go_on}") from error
+    try:
+        state = json.loads(json_path.read_bytes())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(f"{json_path} is damaged (not valid JSON: {error}); {go_on}") from error
+    if not isinstance(state, dict) or not isinstance(state.get("train_config"), dict):
+        raise ValueError(f"{json_path} is damaged (no training settings in it); {go_on}")
+    for path, keys, held in (
+        (json_path, TRAINER_STATE_KEYS, state),
+        (tensors_path, TRAINER_STATE_TENSORS, tensors),
+    ):
+        missing = [key for key in keys if key not in held]
+        if missing:
+            raise ValueError(f"{path} is damaged (no {', '.join(missing)} in it); {go_on}")
+    return tensors, state
 
 
 def resume_configs(out: str | Path) -> tuple[SaShiMiConfig, TrainConfig]:
     """The model and training settings of the run saved in out/last (what --resume continues).
     Only reads: under torchrun every process calls this before rank 0 may recover_folder(last)."""
-    last = Path(out) / "last"
-    if not last.exists() and last.with_name("last.old").exists():  # killed between two renames
-        last = last.with_name("last.old")
+    last = resolve_save(Path(out) / "last")  # last.old/ after a kill between a save's renames
     _, state = read_trainer_state(last)
-    config = SaShiMiConfig.from_dict(json.loads((last / "config.json").read_text()))
-    return config, TrainConfig.from_dict(state["train_config"])
+    try:
+        settings = TrainConfig.from_dict(state["train_config"])
+    except ValueError as error:
+        raise ValueError(f"{last / TRAINER_STATE}.json: {error}") from error
+    return read_config(last), settings
 
 
 def _duration(seconds: float) -> str:
@@ -339,13 +352,22 @@ def _vocabulary_section(config: SaShiMiConfig) -> str:
 
 
 def append_metrics(run_dir: Path, row: dict) -> None:
+    """One more row in metrics.csv; a write that fails (a full disk) leaves the rows before."""
     path = run_dir / "metrics.csv"
     new = not path.exists()
-    with open(path, "a", newline="") as f:
-        writer = csv.DictWriter(f, METRICS_COLUMNS)
-        if new:
-            writer.writeheader()
-        writer.writerow(row)
+    text = io.StringIO()
+    writer = csv.DictWriter(text, METRICS_COLUMNS)
+    if new:
+        writer.writeheader()
+    writer.writerow(row)
+    size = 0 if new else path.stat().st_size
+    with reporting_full_disk(path, needed=len(text.getvalue())):
+        try:
+            with open(path, "a", newline="") as f:
+                f.write(text.getvalue())
+        except OSError:
+            os.truncate(path, size)  # no torn row: the file ends with its last whole one
+            raise
 
 
 def truncate_metrics(run_dir: Path, step: int) -> None:
@@ -382,7 +404,7 @@ def plot_metrics(run_dir: Path) -> None:
     ax.set_ylabel("bits per sample")
     ax.grid(alpha=0.3)
     ax.legend()
-    save_figure_png(fig, run_dir / "metrics.png")
+    atomic_write(run_dir / "metrics.png", lambda tmp: save_figure_png(fig, tmp))
 
 
 def sample_labels(vocabulary: Vocabulary, count: int) -> list[dict[str, str]]:
@@ -410,10 +432,12 @@ def write_samples(model: SaShiMi, run_dir: Path, step: int, cfg: TrainConfig) ->
         labels=labels if model.config.labels else None,
         guidance=DEFAULT_GUIDANCE if model.config.labels else 1.0,
     )
-    for k, clip in enumerate(clips):
-        slug = labels_slug(labels[k])
-        name = f"step_{step:06d}_{k}" + (f"_{slug}" if slug else "") + ".wav"
-        write_wav(run_dir / "samples" / name, clip, model.config.sample_rate)
+    needed = len(clips) * (2 * num_samples + 44)  # 16-bit samples and a 44-byte WAV header
+    with reporting_full_disk(run_dir / "samples", needed):
+        for k, clip in enumerate(clips):
+            slug = labels_slug(labels[k])
+            name = f"step_{step:06d}_{k}" + (f"_{slug}" if slug else "") + ".wav"
+            write_wav(run_dir / "samples" / name, clip, model.config.sample_rate)
 
 
 def start_from(model: SaShiMi, directory: str) -> None:
@@ -482,9 +506,14 @@ def train(
     master = rank == 0
     run_dir = Path(cfg.out)
     started = time.perf_counter()
-    if not resume and (run_dir / "last").exists():
+    # last.old/ alone is a run too: a save killed between its two renames (resolve_save)
+    saved = [
+        p for p in (resolve_save(run_dir / "last"), resolve_save(run_dir / "best")) if p.exists()
+    ]
+    if not resume and saved:
         raise ValueError(
-            f"{run_dir} already holds a run (last/); pass --resume to continue it, or another --out"
+            f"{run_dir} already holds a run ({saved[0].name}/); pass --resume to continue it, "
+            "or another --out"
         )
 
     # --- data: every file decoded once into memory --------------------------------------------
@@ -642,7 +671,8 @@ def train(
             (tmp / f"{TRAINER_STATE}.json").write_text(json.dumps(state, indent=2) + "\n")
             write_card(tmp, config, meta)
 
-        replace_folder(run_dir / "last", write)
+        weights = tensor_bytes(model.state_dict().values())
+        replace_folder(run_dir / "last", write, needed=weights + tensor_bytes(tensors.values()))
 
     def save_best() -> None:
         meta = metadata()
@@ -651,7 +681,7 @@ def train(
             save_checkpoint(tmp, model, meta)
             write_card(tmp, config, meta)
 
-        replace_folder(run_dir / "best", write)
+        replace_folder(run_dir / "best", write, needed=tensor_bytes(model.state_dict().values()))
 
     # --- the loop -------------------------------------------------------------------------------
     bar = tqdm(total=cfg.steps, initial=step, unit="step", file=sys.stderr, disable=not master)
