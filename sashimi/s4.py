@@ -21,6 +21,19 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+
+def both_halves(v: Tensor) -> Tensor:
+    """The stored N/2 modes and their conjugates: (..., N/2) -> (..., N)."""
+    return torch.cat([v, v.conj()], -1)
+
+
+def sqrt_blocking(L: int) -> tuple[int, int]:
+    """(c, m) with c ~ sqrt(L) and m c >= L: a length L split as m blocks of c, so that a power
+    A^l = A^(c i) A^j (l = c i + j) needs only ~2 sqrt(L) powers of A."""
+    c = math.isqrt(L - 1) + 1 if L > 1 else 1
+    return c, -(-L // c)
+
+
 # --- initialisation: HiPPO-LegS and its normal plus low-rank (NPLR) form -------------------------
 
 
@@ -97,9 +110,23 @@ DISCRETIZATIONS = {"zoh": discretize_zoh, "bilinear": discretize_bilinear}
 
 def dplr_dense(Lambda: Tensor, P: Tensor) -> Tensor:
     """The full N x N matrix A = diag(Lambda) - P P^H over both conjugate halves: (N, N) complex."""
-    Lambda_full = torch.cat([Lambda, Lambda.conj()], -1)
-    P_full = torch.cat([P, P.conj()], -1)
+    Lambda_full, P_full = both_halves(Lambda), both_halves(P)
     return torch.diag_embed(Lambda_full) - P_full[..., :, None] * P_full[..., None, :].conj()
+
+
+def woodbury_terms(Lambda: Tensor, P: Tensor, dt: Tensor) -> tuple[Tensor, Tensor]:
+    """The two terms of the Woodbury inverse of M = I - (dt/2) A, A = diag(Lambda) - P P^H:
+
+        M^-1 v = E v - E P s (P^H E v),   E = (I - dt/2 Lambda)^-1,   s = (dt/2) / (1 + (dt/2) P^H E P)
+
+    with P^H E P over all N modes (2 Re of the sum over the stored half).
+    Args:    Lambda, P: (N/2,) or (1, N/2) complex;  dt: (H,).
+    Returns: E (H, N/2) complex, s (H, 1) real.
+    """
+    half_dt = (dt / 2)[:, None]
+    E = 1 / (1 - half_dt * Lambda)
+    PEP = 2 * (P.conj() * E * P).sum(-1, keepdim=True).real
+    return E, half_dt / (1 + half_dt * PEP)
 
 
 def discretize_dplr_dense(
@@ -107,20 +134,20 @@ def discretize_dplr_dense(
 ) -> tuple[Tensor, Tensor]:
     """Bilinear discretisation of A = diag(Lambda) - P P^H as dense matrices over all N modes.
 
-        A_bar = M^-1 (I + dt/2 A),  B_bar = M^-1 dt B,  M = I - dt/2 A = E^-1 + (dt/2) P P^H,
-        M^-1 = E - (dt/2) / (1 + (dt/2) P^H E P) (E P)(P^H E),   E = (I - dt/2 Lambda)^-1 diagonal,
+        A_bar = M^-1 (I + dt/2 A),  B_bar = M^-1 dt B,  M = I - dt/2 A,
+        M^-1 = E - s (E P)(P^H E)   (woodbury_terms),
 
     so it costs O(N^2) per channel, no factorisation. Used where a power of A_bar is needed
     (C_tilde, priming), never in the per-sample step.
     Args:    Lambda, P, B: (N/2,) complex;  dt: (H,).
     Returns: A_bar (H, N, N), B_bar (H, N), complex.
     """
-    Lambda, P, B = (torch.cat([v, v.conj()], -1) for v in (Lambda, P, B))  # (N,)
+    E_half, scale = woodbury_terms(Lambda, P, dt)
+    E, scale = both_halves(E_half), scale[..., None].to(E_half.dtype)  # (H, N), (H, 1, 1)
+    Lambda, P, B = both_halves(Lambda), both_halves(P), both_halves(B)  # (N,)
     half = (dt / 2)[:, None].to(Lambda.dtype)  # (H, 1)
-    E = 1 / (1 - half * Lambda)  # (H, N)
     EP = E * P
-    scale = half / (1 + half * (P.conj() * EP).sum(-1, keepdim=True))  # (H, 1)
-    M_inv = torch.diag_embed(E) - scale[..., None] * EP[..., :, None] * (P.conj() * E)[..., None, :]
+    M_inv = torch.diag_embed(E) - scale * EP[..., :, None] * (P.conj() * E)[..., None, :]
     M_inv_P = (M_inv @ P[:, None])[..., 0]  # (H, N)
     A_bar = (
         M_inv * (1 + half * Lambda)[..., None, :]
@@ -154,8 +181,7 @@ def _vandermonde_blocks(log_A_bar: Tensor, L: int) -> tuple[Tensor, Tensor, int]
     H = 64, N/2 = 32 that is 0.5 M complex numbers kept for backward instead of 33 M.
     Returns: outer (H, N/2, m) = A_bar^(c i), inner (H, N/2, c) = A_bar^j, and c; m c >= L.
     """
-    c = math.isqrt(L - 1) + 1 if L > 1 else 1
-    m = -(-L // c)
+    c, m = sqrt_blocking(L)
     steps = torch.arange(max(c, m), device=log_A_bar.device, dtype=log_A_bar.real.dtype)
     inner = torch.exp(log_A_bar[..., None] * steps[:c])
     outer = torch.exp(log_A_bar[..., None] * (c * steps[:m]))
@@ -192,10 +218,6 @@ def cauchy_woodbury(
     Args:    Lambda, P, B: (N/2,);  C_tilde: (H, N/2);  dt: (H,);  z: (F,) complex.
     Returns: K_hat (H, F) complex.
     """
-
-    def both_halves(v: Tensor) -> Tensor:
-        return torch.cat([v, v.conj()], -1)
-
     Lambda, P, B, C_tilde = map(both_halves, (Lambda, P, B, C_tilde))  # (…, N)
     numerators = torch.stack(  # (H, 4, N): rows k00, k01, k10, k11
         torch.broadcast_tensors(C_tilde * B, C_tilde * P, P.conj() * B, P.conj() * P), dim=-2
@@ -227,7 +249,7 @@ def _c_tilde(Lambda: Tensor, P: Tensor, B: Tensor, C: Tensor, dt: Tensor, L: int
     """C_tilde = C (I - A_bar^L), first N/2 entries. In float64: A_bar is far from normal, and
     float32 powers of it lose digits that the kernel then misses."""
     A_bar, _ = discretize_dplr_dense(Lambda.cdouble(), P.cdouble(), B.cdouble(), dt.double())
-    C_full = torch.cat([C, C.conj()], -1).cdouble()  # (H, N)
+    C_full = both_halves(C).cdouble()  # (H, N)
     C_tilde = C_full - row_times_power(C_full, A_bar, L)
     return C_tilde[:, : C.shape[-1]].to(C.dtype)
 
@@ -265,8 +287,7 @@ def final_state_dense(A_bar: Tensor, B_bar: Tensor, u: Tensor) -> Tensor:
     Returns: x (batch, H, N).
     """
     batch, H, L = u.shape
-    c = math.isqrt(L - 1) + 1 if L > 1 else 1
-    m = -(-L // c)
+    c, m = sqrt_blocking(L)
     powers = [B_bar]  # A_bar^j B_bar for j < c
     for _ in range(c - 1):
         powers.append((A_bar @ powers[-1][..., None])[..., 0])
@@ -365,11 +386,57 @@ def _complex_parameter(z: Tensor) -> nn.Parameter:
     return nn.Parameter(torch.view_as_real(z.to(torch.complex64)).clone())
 
 
+class DiagonalForm:
+    """A = diag(Lambda) (S4D): the kernel, step parameters and final state of the layer's
+    parameters, by the pure functions above, discretised by `discretize` (ZOH or bilinear)."""
+
+    def __init__(self, discretize):
+        self.discretize = discretize
+
+    def discrete(self, layer: "S4") -> tuple[Tensor, Tensor]:
+        return self.discretize(layer.Lambda(), layer.B_complex(), layer.dt())
+
+    def kernel(self, layer: "S4", L: int) -> Tensor:
+        return kernel_diagonal(layer.C_complex(), *self.discrete(layer), L)
+
+    def step_parameters(self, layer: "S4") -> DiagonalStep:
+        return DiagonalStep(*self.discrete(layer), layer.C_complex(), layer.D)
+
+    def final_state(self, layer: "S4", u: Tensor) -> Tensor:
+        return final_state_diagonal(*self.discrete(layer), u)
+
+
+class DPLRForm:
+    """A = diag(Lambda) - P P^H (S4), bilinear: Cauchy + Woodbury kernel, O(N) Woodbury step, and a
+    dense float64 final state (priming is rare; its powers of A_bar need the precision)."""
+
+    def kernel(self, layer: "S4", L: int) -> Tensor:
+        Lambda, P, B = layer.Lambda()[0], layer.P_complex()[0], layer.B_complex()[0]
+        return kernel_dplr(Lambda, P, B, layer.C_complex(), layer.dt(), L)
+
+    def step_parameters(self, layer: "S4") -> DPLRStep:
+        dt, Lambda, P = layer.dt(), layer.Lambda(), layer.P_complex()
+        E, s = woodbury_terms(Lambda, P, dt)
+        half_dt = (dt / 2)[:, None]
+        dtB = dt[:, None] * layer.B_complex()
+        return DPLRStep(Lambda, P, dtB, half_dt, E, E * P * s, layer.C_complex(), layer.D)
+
+    def final_state(self, layer: "S4", u: Tensor) -> Tensor:
+        A_bar, B_bar = discretize_dplr_dense(
+            layer.Lambda()[0].cdouble(),
+            layer.P_complex()[0].cdouble(),
+            layer.B_complex()[0].cdouble(),
+            layer.dt().double(),
+        )
+        N_half = layer.N // 2
+        return final_state_dense(A_bar, B_bar, u.double())[..., :N_half].to(torch.complex64)
+
+
 class S4(nn.Module):
     """One S4 layer: the SSM per channel, the D skip, GELU, dropout, and a GLU output projection.
 
     One (A, B) is shared by the H channels (as in the reference SaShiMi); C, dt and D are per channel.
-    u (batch, L, H) -> y (batch, L, H).
+    The form of A (DiagonalForm or DPLRForm) is chosen once, here. u (batch, L, H) -> y (batch, L, H).
     """
 
     def __init__(
@@ -391,10 +458,13 @@ class S4(nn.Module):
         if kernel == "dplr":
             Lambda, P, B, _ = hippo_legs_nplr(N)
             self.P = _complex_parameter(P[None])
+            self.form = DPLRForm()
         elif init == "legs":  # S4D-LegS: the diagonal of the normal part of HiPPO-LegS
             Lambda, _, B, _ = hippo_legs_nplr(N)
         else:
             Lambda, B = s4d_lin(N)
+        if kernel != "dplr":
+            self.form = DiagonalForm(DISCRETIZATIONS[disc])
         # Re Lambda = -exp(log_neg_Lambda_real) < 0: the continuous system stays stable, so A_bar^l
         # decays and the recurrence cannot blow up over long generations.
         self.log_neg_Lambda_real = nn.Parameter(torch.log(-Lambda.real).float()[None])
@@ -402,8 +472,6 @@ class S4(nn.Module):
         self.B = _complex_parameter(B[None])
         self.C = _complex_parameter(torch.randn(H, N // 2, dtype=torch.complex64) * 0.5**0.5)
         self.D = nn.Parameter(torch.randn(H))
-        self.is_dplr = kernel == "dplr"
-        self.discretize = DISCRETIZATIONS[disc]
         self.dropout = nn.Dropout(dropout)
         self.output_linear = nn.Linear(H, 2 * H)
 
@@ -412,43 +480,38 @@ class S4(nn.Module):
         names = ("log_dt", "log_neg_Lambda_real", "Lambda_imag", "B", "P")
         return [p for name, p in self.named_parameters() if name in names]
 
-    def _Lambda(self) -> Tensor:
+    # the parameters as the paper writes them
+    def dt(self) -> Tensor:
+        return torch.exp(self.log_dt)  # (H,)
+
+    def Lambda(self) -> Tensor:
         return torch.complex(-torch.exp(self.log_neg_Lambda_real), self.Lambda_imag)  # (1, N/2)
+
+    def B_complex(self) -> Tensor:
+        return torch.view_as_complex(self.B)  # (1, N/2)
+
+    def C_complex(self) -> Tensor:
+        return torch.view_as_complex(self.C)  # (H, N/2)
+
+    def P_complex(self) -> Tensor:
+        return torch.view_as_complex(self.P)  # (1, N/2), DPLR only
 
     def kernel(self, L: int) -> Tensor:
         """The SSM convolution kernel K (H, L) for the current parameters."""
-        dt = torch.exp(self.log_dt)
-        C, B = torch.view_as_complex(self.C), torch.view_as_complex(self.B)
-        if self.is_dplr:
-            return kernel_dplr(self._Lambda()[0], torch.view_as_complex(self.P)[0], B[0], C, dt, L)
-        A_bar, B_bar = self.discretize(self._Lambda(), B, dt)
-        return kernel_diagonal(C, A_bar, B_bar, L)
+        return self.form.kernel(self, L)
 
     def _ssm_to_output(self, y: Tensor) -> Tensor:
         """GELU, dropout, then a pointwise linear H -> 2H gated back to H by a GLU."""
         return F.glu(self.output_linear(self.dropout(F.gelu(y))), dim=-1)
 
     def forward(self, u: Tensor) -> Tensor:
-        y = causal_conv(u.transpose(1, 2), self.kernel(u.shape[1])).transpose(
-            1, 2
-        )  # FFT wants L last
+        u_t = u.transpose(1, 2)  # (batch, H, L): the FFT wants L last
+        y = causal_conv(u_t, self.kernel(u.shape[1])).transpose(1, 2)
         return self._ssm_to_output(y + self.D * u)
 
     def step_parameters(self) -> DiagonalStep | DPLRStep:
         """Discrete parameters for the recurrence, derived from the current weights (not cached here)."""
-        dt = torch.exp(self.log_dt)
-        C, B = torch.view_as_complex(self.C), torch.view_as_complex(self.B)
-        Lambda = self._Lambda()
-        if not self.is_dplr:
-            A_bar, B_bar = self.discretize(Lambda, B, dt)
-            return DiagonalStep(A_bar, B_bar, C, self.D)
-        P = torch.view_as_complex(self.P)
-        half_dt = (dt / 2)[:, None]
-        E = 1 / (1 - half_dt * Lambda)
-        PEP = 2 * (P.conj() * E * P).sum(-1, keepdim=True).real  # P^H E P over all N modes
-        return DPLRStep(
-            Lambda, P, dt[:, None] * B, half_dt, E, E * P * half_dt / (1 + half_dt * PEP), C, self.D
-        )
+        return self.form.step_parameters(self)
 
     def initial_state(self, batch: int) -> Tensor:
         """x = 0: (batch, H, N/2) complex, on the layer's device."""
@@ -461,14 +524,4 @@ class S4(nn.Module):
 
     def final_state(self, u: Tensor) -> Tensor:
         """The state after reading u (batch, L, H), as stepping through it would leave it."""
-        u = u.transpose(1, 2)  # (batch, H, L)
-        dt = torch.exp(self.log_dt)
-        B = torch.view_as_complex(self.B)
-        if not self.is_dplr:
-            A_bar, B_bar = self.discretize(self._Lambda(), B, dt)
-            return final_state_diagonal(A_bar, B_bar, u)
-        P = torch.view_as_complex(self.P)
-        A_bar, B_bar = discretize_dplr_dense(
-            self._Lambda()[0].cdouble(), P[0].cdouble(), B[0].cdouble(), dt.double()
-        )
-        return final_state_dense(A_bar, B_bar, u.double())[..., : self.N // 2].to(torch.complex64)
+        return self.form.final_state(self, u.transpose(1, 2))  # (batch, H, L)

@@ -11,6 +11,7 @@ from scipy import signal
 
 from sashimi.s4 import (
     S4,
+    DiagonalStep,
     causal_conv,
     discretize_bilinear,
     discretize_dplr_dense,
@@ -156,9 +157,12 @@ def test_diagonal_kernel_and_recurrence_match_scipy_dlsim(init, method):
     u_t = torch.from_numpy(u)[None, None]  # (batch, H, L)
     y_conv = causal_conv(u_t, kernel_diagonal(C, A_bar, B_bar, L))[0, 0].numpy() + D * u
 
-    def step(u_k, x):
-        x = (B_bar * u_k) if x is None else A_bar * x + B_bar * u_k
-        return 2 * (C * x).sum().real.item() + D * u_k, x
+    params = DiagonalStep(A_bar, B_bar, C, torch.tensor([D], dtype=torch.float64))
+
+    def step(u_k, x):  # the recurrence generation runs, one channel
+        x = torch.zeros(1, 1, N // 2, dtype=torch.complex128) if x is None else x
+        y, x = params(torch.tensor([[u_k]], dtype=torch.float64), x)
+        return y.item(), x
 
     scale = np.abs(y_scipy).max()
     np.testing.assert_allclose(y_conv, y_scipy, rtol=0, atol=1e-5 * scale)
