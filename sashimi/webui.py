@@ -4,6 +4,8 @@ A Gradio 6 page over `sashimi.generate.Generator` (it never reaches into the mod
   - a model picker over every checkpoint under checkpoints/ and any given with --checkpoint, with
     its card (data, sample rate, parameters, steps, validation bits per sample, device);
   - sampling settings shared by both tabs: clips, temperature, top-p, a seed or "random";
+  - for a labelled checkpoint, a menu per label field (a value, "any" = left unknown, or "random"
+    = drawn per clip from its seed) and the classifier-free guidance weight;
   - Generate (seconds per clip) and Continue (a prompt to upload or record, the seconds of it to
     keep and the seconds to add);
   - the results: a live player fed chunk by chunk by the recurrent sampler while it runs (SaShiMi's
@@ -11,13 +13,16 @@ A Gradio 6 page over `sashimi.generate.Generator` (it never reaches into the mod
     then every clip as a player with download and its waveform + spectrogram, ranked by the
     model's own likelihood of it (bits per sample, lower = more likely), as the reference's
     generate script ranks a batch.
-Both buttons are named API endpoints, /generate and /continue, callable with gradio_client.
+Both buttons are named API endpoints, /generate and /continue, callable with gradio_client; their
+optional `labels` ({"digit": "7"}, or its JSON text) and `guidance` take the menus' place.
 Every request is checked against `Limits` (set from app.py's flags) and answered with a gr.Error
 message in the page, never a traceback.
 """
 
 import io
+import json
 import logging
+import random
 import secrets
 import shutil
 import tempfile
@@ -32,15 +37,22 @@ import soundfile as sf
 import torch
 
 from .audio import load_audio, write_wav
-from .checkpoint import CHECKPOINTS_DIR, DEFAULT_CHECKPOINT, list_checkpoints
-from .generate import Generator, check_sampling
+from .checkpoint import CHECKPOINTS_DIR, DEFAULT_CHECKPOINT, list_checkpoints, read_config
+from .generate import DEFAULT_GUIDANCE, Generator, check_sampling
+from .labels import Labels, Vocabulary, labels_slug
 from .plots import save_figure_png, waveform_spectrogram_figure
 
 log = logging.getLogger(__name__)
 
 REPO_ROOT = CHECKPOINTS_DIR.parent
 MAX_SEED = 2**31 - 1  # seeds stay exact as JavaScript numbers in the page
-RANKING_HEADERS = ["rank", "seed", "bits per sample"]
+RANKING_HEADERS = ["rank", "seed", "bits per sample"]  # then "labels" for a labelled checkpoint
+ANY, RANDOM = "any", "random"  # menu entries besides a field's values: left unknown, drawn per clip
+# Gradio builds the page once, so it holds this many label menus, shown, named and filled for the
+# chosen checkpoint's fields and hidden otherwise; fields beyond them stay unknown on the page
+# (the API's `labels` reaches every field).
+MAX_LABEL_FIELDS = 4
+GUIDANCE_SLIDER = (0.0, 10.0, 0.5)  # min, max, step; the API checks its values against it too
 
 
 @dataclass(frozen=True)
@@ -67,6 +79,17 @@ def display_path(path: Path) -> str:
     """`path` relative to the repository if inside it (checkpoints/fsdd), else absolute."""
     path = Path(path).resolve()
     return str(path.relative_to(REPO_ROOT)) if path.is_relative_to(REPO_ROOT) else str(path)
+
+
+def checkpoint_vocabulary(checkpoint: str | None) -> Vocabulary:
+    """The labels in a checkpoint's config.json, field -> {value: count}: {} for an unlabelled
+    checkpoint, or one that cannot be read (its card says why)."""
+    if not checkpoint:
+        return {}
+    try:
+        return read_config(REPO_ROOT / checkpoint).labels
+    except (OSError, ValueError):
+        return {}
 
 
 def missing_checkpoint_message() -> str:
@@ -156,6 +179,61 @@ def wav_bytes(audio: np.ndarray, sample_rate: int) -> bytes:
     return buffer.getvalue()
 
 
+def parse_labels(labels: dict | str | None) -> dict[str, str]:
+    """The API's `labels`, a dict or its JSON text, as field -> a value, ANY or RANDOM."""
+    if labels is None or labels == "":
+        return {}
+    example = 'a JSON object such as {"digit": "7"}'
+    if isinstance(labels, str):
+        try:
+            labels = json.loads(labels)
+        except json.JSONDecodeError as error:
+            raise refused(f"labels must be {example}, got {labels!r} ({error})") from error
+    if not isinstance(labels, dict) or not all(
+        isinstance(v, str | int) and not isinstance(v, bool) for v in labels.values()
+    ):
+        raise refused(f"labels must be {example}, got {json.dumps(labels)}")
+    return {str(field): str(value) for field, value in labels.items()}
+
+
+def draw_labels(vocabulary: Vocabulary, asked: dict[str, str], seeds: range) -> list[Labels]:
+    """Each clip's labels: the values asked for, ANY fields left out, and each RANDOM field drawn
+    uniformly from its values by random.Random(the clip's seed), so that the seed alone
+    reproduces a clip, as it does its audio. `asked` is checked: its RANDOM fields exist."""
+    clips = []
+    for seed in seeds:
+        rng = random.Random(seed)
+        labels = {}
+        for field, values in vocabulary.items():  # the checkpoint's order, not the request's
+            value = asked.get(field, ANY)
+            if value != ANY:
+                labels[field] = rng.choice(list(values)) if value == RANDOM else value
+        clips.append(labels)
+    return clips
+
+
+def describe_labels(labels: Labels) -> str:
+    """A clip's labels in words, e.g. "digit 7, speaker bob" ("" for none)."""
+    return ", ".join(f"{field} {value}" for field, value in labels.items())
+
+
+def label_menus(vocabulary: Vocabulary) -> list[dict]:
+    """The settings of the page's MAX_LABEL_FIELDS menus for a checkpoint's fields: the first
+    field RANDOM (a random digit), the others ANY; menus past the fields hidden."""
+    fields = list(vocabulary)[:MAX_LABEL_FIELDS]
+    menus = [
+        dict(
+            choices=[RANDOM, ANY, *vocabulary[field]],
+            value=RANDOM if i == 0 else ANY,
+            label=field,
+            visible=True,
+        )
+        for i, field in enumerate(fields)
+    ]
+    hidden = dict(choices=[], value=None, label="label", visible=False)
+    return menus + [hidden] * (MAX_LABEL_FIELDS - len(fields))
+
+
 class WebUI:
     """The page's event handlers, over a set of checkpoints, a model cache and the limits."""
 
@@ -210,6 +288,34 @@ class WebUI:
             raise refused(f"seed must be a whole number from 0 to {highest}, got {seed}")
         return int(seed)
 
+    def _clip_labels(
+        self, generator: Generator, labels: dict | str | None, seed: int, clips: int
+    ) -> list[Labels]:
+        """The labels of the clips seeded seed, seed + 1, ... (see draw_labels); an unknown field
+        or value is refused, naming the known ones."""
+        asked = parse_labels(labels)
+        vocabulary = generator.config.labels
+        given = {f: v for f, v in asked.items() if not (f in vocabulary and v in (ANY, RANDOM))}
+        try:
+            generator.label_rows(given, 1)  # checks the fields and values; the rows are not kept
+        except ValueError as error:
+            raise refused(str(error)) from error
+        return draw_labels(vocabulary, asked, range(seed, seed + clips))
+
+    # --- the label menus -----------------------------------------------------------------------
+    @staticmethod
+    def label_controls(checkpoint: str | None) -> list[dict]:
+        """Updates of the label menus and the guidance slider for the picked checkpoint."""
+        vocabulary = checkpoint_vocabulary(checkpoint)
+        menus = [gr.update(**menu) for menu in label_menus(vocabulary)]
+        return [*menus, gr.update(visible=bool(vocabulary))]
+
+    @staticmethod
+    def menu_labels(checkpoint: str | None, *values: str | None) -> dict[str, str]:
+        """What the menus ask for, as the endpoints' `labels`: {field: value or RANDOM}."""
+        fields = checkpoint_vocabulary(checkpoint)
+        return {f: v for f, v in zip(fields, values, strict=False) if v not in (None, ANY)}
+
     # --- the two endpoints ---------------------------------------------------------------------
     def generate(
         self,
@@ -220,21 +326,26 @@ class WebUI:
         top_p: float,
         seed: float | None,
         random_seed: bool,
+        labels: dict | str | None = None,
+        guidance: float = DEFAULT_GUIDANCE,
     ):
-        """Sample `clips` new clips of `seconds` each; streams the first while sampling."""
+        """Sample `clips` new clips of `seconds` each; streams the first while sampling.
+
+        labels (a labelled checkpoint): field -> a value, "any" or "random", as a dict or its JSON
+        text, e.g. {"digit": "7"}; guidance: the classifier-free guidance weight, 1 = none.
+        """
         generator = self.models.get(checkpoint)
         seconds = self._check_seconds("seconds", seconds)
+        clips = self._check_clips(clips)
         seed = self._pick_seed(seed, random_seed)
-        settings = f"{seconds:g}s_t{temperature:g}_p{top_p:g}"
         yield from self._sample(
             generator,
-            self._check_clips(clips),
             seconds,
-            temperature,
-            top_p,
             seed,
+            self._clip_labels(generator, labels, seed, clips),
+            dict(temperature=temperature, top_p=top_p, guidance=guidance),
             prompt=None,
-            name=f"generate_{settings}",
+            what=f"generate_{seconds:g}s",
         )
 
     def continue_(
@@ -248,45 +359,53 @@ class WebUI:
         top_p: float,
         seed: float | None,
         random_seed: bool,
+        labels: dict | str | None = None,
+        guidance: float = DEFAULT_GUIDANCE,
     ):
-        """Keep the first `keep_seconds` of the prompt and sample `add_seconds` after it."""
+        """Keep the first `keep_seconds` of the prompt and sample `add_seconds` after it; labels
+        and guidance as for generate."""
         generator = self.models.get(checkpoint)
         if prompt is None:
             raise refused("upload or record a prompt first (any of .wav .flac .ogg .mp3)")
         keep_seconds = self._check_seconds("seconds to keep", keep_seconds)
         add_seconds = self._check_seconds("seconds to add", add_seconds)
         clips = self._check_clips(clips)
+        seed = self._pick_seed(seed, random_seed)
+        clip_labels = self._clip_labels(generator, labels, seed, clips)
         try:
             audio = load_audio(prompt, generator.sample_rate)
         except (FileNotFoundError, ValueError) as error:
             # Name the file as the user knows it, not by the server's upload path.
             raise refused(str(error).replace(str(prompt), Path(prompt).name)) from error
         audio = audio[: max(1, round(keep_seconds * generator.sample_rate))]
-        seed = self._pick_seed(seed, random_seed)
-        settings = f"keep{len(audio) / generator.sample_rate:g}s_add{add_seconds:g}s"
         yield from self._sample(
             generator,
-            clips,
             add_seconds,
-            temperature,
-            top_p,
             seed,
+            clip_labels,
+            dict(temperature=temperature, top_p=top_p, guidance=guidance),
             prompt=audio,
-            name=f"continue_{settings}_t{temperature:g}_p{top_p:g}",
+            what=f"continue_keep{len(audio) / generator.sample_rate:g}s_add{add_seconds:g}s",
         )
 
-    def _sample(self, generator, clips, seconds, temperature, top_p, seed, prompt, name):
-        """Run the sampler, yielding live audio of clip 1, then the ranked clips.
+    def _sample(self, generator, seconds, seed, labels, sampling, prompt, what):
+        """Sample one clip per entry of `labels` (clip i seeded seed + i), yielding live audio of
+        clip 1, then the ranked clips. Files are named after `what` and the sampling settings.
 
         Yields tuples for the outputs (files, ranking, seed, status, live player, results).
         """
-        rate = generator.sample_rate
+        rate, clips = generator.sample_rate, len(labels)
         num_samples = round(seconds * rate)
-        sampling = dict(temperature=temperature, top_p=top_p)
+        if not any(labels):  # nothing to guide towards: one stream instead of two equal ones
+            sampling["guidance"] = 1.0
+        if sampling["guidance"] is None:
+            raise refused("guidance must be a number (1 = none), got None")
         try:
             check_sampling(num_samples, batch_size=clips, **sampling)
         except ValueError as error:
             raise refused(str(error)) from error
+        settings = f"_t{sampling['temperature']:g}_p{sampling['top_p']:g}"
+        settings += f"_g{sampling['guidance']:g}" if any(labels) else ""
         # Show the seed in use and clear the last results before the first sample exists.
         live = gr.skip() if prompt is None or not self.live_playback else wav_bytes(prompt, rate)
         yield None, None, seed, "<progress></progress> starting the sampler…", live, []
@@ -299,6 +418,7 @@ class WebUI:
             seed=seed,
             prompt=prompt,
             show_progress=False,
+            labels=labels,
             **sampling,
         ):
             chunks.append(chunk)  # (clips, n)
@@ -316,39 +436,50 @@ class WebUI:
         audio = np.concatenate(chunks, axis=1)
         if prompt is not None:
             audio = np.concatenate([np.broadcast_to(prompt, (clips, len(prompt))), audio], axis=1)
-        bits = generator.log_likelihood(audio)  # (clips,)
-        files, ranking, results = self._save_ranked(audio, bits, rate, seed, prompt, name)
+        bits = generator.log_likelihood(audio, labels)  # (clips,), each under its own labels
+        files, ranking, results = self._save_ranked(
+            audio, bits, rate, seed, labels, prompt, what + settings, bool(generator.config.labels)
+        )
         speed = clips * seconds / wall
+        guided = f" · guidance {sampling['guidance']:g}" if any(labels) else ""
         status = (
             f"{clips} clip{'s' * (clips > 1)} × {seconds:g} s sampled in {wall:.1f} s "
-            f"({speed:.2f}× real time, first audio after {first_audio:.2f} s) · seed {seed} · "
-            f"{generator.device}"
+            f"({speed:.2f}× real time, first audio after {first_audio:.2f} s) · seed {seed}"
+            f"{guided} · {generator.device}"
         )
         yield files, ranking, seed, status, gr.skip(), results
 
-    def _save_ranked(self, audio, bits, rate, seed, prompt, name):
-        """Write each clip's WAV and figure, best first; returns (files, ranking rows, results)."""
+    def _save_ranked(self, audio, bits, rate, seed, labels, prompt, name, labelled):
+        """Write each clip's WAV and figure, best first, named by its seed and labels; returns
+        (files, ranking table, results). The table has a labels column for a labelled model."""
         folder = Path(tempfile.mkdtemp(dir=self._outputs.name))  # one per request: no clashes
         marker = None if prompt is None else len(prompt) / rate
-        files, ranking, results = [], [], []
+        files, rows, results = [], [], []
         for rank, row in enumerate(np.argsort(bits), start=1):
             clip_seed = seed + int(row)  # the engine seeds clip i of a batch with seed + i
-            stem = f"sashimi_seed{clip_seed}_{name}"
+            slug = labels_slug(labels[row])
+            stem = f"sashimi_seed{clip_seed}{'_' * bool(slug)}{slug}_{name}"
             wav = write_wav(folder / f"{stem}.wav", audio[row], rate)
             figure = waveform_spectrogram_figure(
                 audio[row], rate, marker_seconds=marker, title=f"#{rank}  {stem}"
             )
             png = save_figure_png(figure, folder / f"{stem}.png")
             files.append(str(wav))
-            ranking.append([rank, clip_seed, round(float(bits[row]), 4)])
-            label = f"#{rank} · seed {clip_seed} · {bits[row]:.3f} bits per sample"
-            results.append({"wav": str(wav), "png": str(png), "label": label})
-        return files, ranking, results
+            described = describe_labels(labels[row])
+            rows.append(
+                [rank, clip_seed, round(float(bits[row]), 4)] + [described or ANY] * labelled
+            )
+            parts = [f"#{rank}", f"seed {clip_seed}", described, f"{bits[row]:.3f} bits per sample"]
+            caption = " · ".join(part for part in parts if part)
+            results.append({"wav": str(wav), "png": str(png), "label": caption})
+        headers = RANKING_HEADERS + ["labels"] * labelled
+        return files, {"headers": headers, "data": rows}, results
 
     # --- the page ------------------------------------------------------------------------------
     def build(self) -> gr.Blocks:
         limits = self.limits
-        labels = [display_path(p) for p in self.checkpoints]
+        names = [display_path(p) for p in self.checkpoints]
+        vocabulary = checkpoint_vocabulary(self.selected)
         with gr.Blocks(title="SaShiMi", analytics_enabled=False) as demo:
             gr.Markdown(
                 "# SaShiMi\nRaw audio sampled one value at a time by a state-space U-Net "
@@ -356,8 +487,8 @@ class WebUI:
                 "and listen while it is being made."
             )
             with gr.Row():
-                picker = gr.Dropdown(labels, value=self.selected, label="model", scale=1)
-                card = gr.Markdown(self.models.card(None) if not labels else "loading…")
+                picker = gr.Dropdown(names, value=self.selected, label="model", scale=1)
+                card = gr.Markdown(self.models.card(None) if not names else "loading…")
             with gr.Row():
                 clips = gr.Number(
                     1,
@@ -391,6 +522,25 @@ class WebUI:
                     info="shows the seed used; clip i uses seed + i",
                 )
                 random_seed = gr.Checkbox(True, label="random seed")
+            with gr.Row():  # a labelled checkpoint's fields (see MAX_LABEL_FIELDS), and guidance
+                menus = [
+                    gr.Dropdown(
+                        **menu,
+                        info=f"{RANDOM}: each clip draws one (from its seed); {ANY}: left open",
+                    )
+                    for menu in label_menus(vocabulary)
+                ]
+                guidance = gr.Slider(
+                    *GUIDANCE_SLIDER[:2],
+                    DEFAULT_GUIDANCE,
+                    step=GUIDANCE_SLIDER[2],
+                    label="guidance",
+                    info="classifier-free guidance: 1 = none, higher = closer to the labels",
+                    visible=bool(vocabulary),
+                )
+            # The endpoints' `labels` parameter: written from the menus when a button is clicked,
+            # so that API clients send one dict however many menus the page shows.
+            labels = gr.JSON(None, label="labels", visible=False)
             with gr.Tabs():
                 with gr.Tab("Generate"):
                     seconds = gr.Number(
@@ -457,18 +607,30 @@ class WebUI:
 
             outputs = [files, ranking, seed, status, live, results]
             sampling = [temperature, top_p, seed, random_seed]
+            guiding = [labels, guidance]
+            read_menus = dict(
+                fn=self.menu_labels,
+                inputs=[picker, *menus],
+                outputs=labels,
+                queue=False,  # a dict from the menus: no reason to wait behind sampling
+                show_progress="hidden",
+                api_visibility="private",
+            )
             events = dict(
                 outputs=outputs,
                 show_progress_on=[status],  # the status line also holds the progress bar
                 concurrency_limit=limits.concurrency,
                 concurrency_id="sampling",  # both endpoints share the limit
             )
-            generate_event = generate_button.click(
-                self.generate, [picker, clips, seconds, *sampling], api_name="generate", **events
+            generate_event = generate_button.click(**read_menus).then(
+                self.generate,
+                [picker, clips, seconds, *sampling, *guiding],
+                api_name="generate",
+                **events,
             )
-            continue_event = continue_button.click(
+            continue_event = continue_button.click(**read_menus).then(
                 self.continue_,
-                [picker, prompt, keep_seconds, add_seconds, clips, *sampling],
+                [picker, prompt, keep_seconds, add_seconds, clips, *sampling, *guiding],
                 api_name="continue",
                 **events,
             )
@@ -480,5 +642,6 @@ class WebUI:
                 api_visibility="private",
             )
             picker.change(self.models.card, picker, card, api_visibility="private")
+            picker.change(self.label_controls, picker, [*menus, guidance], api_visibility="private")
             demo.load(self.models.card, picker, card, api_visibility="private")
         return demo

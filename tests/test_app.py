@@ -1,7 +1,10 @@
 """The web UI as its users meet it: app.py started in a subprocess on a free local port with the
-tiny checkpoint, driven through gradio_client's named endpoints and, once, in headless Chromium."""
+tiny checkpoints (one unlabelled, one labelled), driven through gradio_client's named endpoints and,
+once, in headless Chromium."""
 
+import json
 import math
+import re
 import shutil
 import socket
 import subprocess
@@ -21,7 +24,7 @@ from gradio_client.exceptions import AppError
 from app import main
 from sashimi.audio import load_audio
 from sashimi.generate import CHUNK_SECONDS, Generator
-from sashimi.webui import Limits, WebUI
+from sashimi.webui import MAX_LABEL_FIELDS, Limits, WebUI
 
 APP = Path(__file__).resolve().parent.parent / "app.py"
 CHROMIUM = Path("/usr/bin/chromium")
@@ -44,8 +47,9 @@ def missing_checkpoint(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def server(tiny_checkpoint, missing_checkpoint, tmp_path_factory):
-    """URL of a running `python app.py` offering the tiny checkpoint and a missing one."""
+def server(tiny_checkpoint, tiny_labelled_checkpoint, missing_checkpoint, tmp_path_factory):
+    """URL of a running `python app.py` offering the tiny checkpoint (the page opens on it), the
+    labelled one and a missing one."""
     port = free_port()
     log = tmp_path_factory.mktemp("server") / "app.log"
     command = [
@@ -57,6 +61,8 @@ def server(tiny_checkpoint, missing_checkpoint, tmp_path_factory):
         "cpu",
         "--checkpoint",
         str(tiny_checkpoint),
+        "--checkpoint",
+        str(tiny_labelled_checkpoint),
         "--checkpoint",
         str(missing_checkpoint),
         "--max-seconds",
@@ -246,6 +252,133 @@ def test_two_concurrent_requests_both_complete(client, tiny_checkpoint):
     assert all(len(read_clips(r[0])[0]) == round(0.25 * RATE) for r in results)
 
 
+# --- labels and guidance (the labelled checkpoint: digit 0, 1, 7 and speaker ann, bob) --------------
+LABELLED_SECONDS = 0.05
+
+
+def generate_labelled(client, checkpoint, labels, guidance, clips=1, seed=0):
+    return client.predict(
+        str(checkpoint),
+        clips,
+        LABELLED_SECONDS,
+        *SAMPLING.values(),
+        seed,
+        False,
+        labels=labels,
+        guidance=guidance,
+        api_name="/generate",
+    )
+
+
+def test_asked_digit_with_guidance_is_the_librarys_clip(client, tiny_labelled_checkpoint):
+    files, ranking, *_ = generate_labelled(
+        client, tiny_labelled_checkpoint, {"digit": "7"}, 3.0, seed=11
+    )
+    (clip,) = read_clips(files)
+    generator = Generator.from_checkpoint(tiny_labelled_checkpoint, device="cpu")
+    expected = generator.generate(
+        round(LABELLED_SECONDS * RATE), seed=11, labels={"digit": "7"}, guidance=3.0, **SAMPLING
+    )[0]
+    np.testing.assert_allclose(clip, expected, atol=PCM16)  # one 16-bit rounding step
+    assert Path(files[0]).name == "sashimi_seed11_digit-7_generate_0.05s_t1_p0.95_g3.wav"
+    assert ranking["headers"] == ["rank", "seed", "bits per sample", "labels"]
+    (row,) = ranking["data"]
+    assert row[1] == 11 and row[3] == "digit 7"
+    # ranked by the likelihood of the clip under its own labels, not with every field unknown
+    bits = generator.log_likelihood(clip, {"digit": "7"})
+    np.testing.assert_allclose(row[2], bits, atol=1e-4)  # shown to 4 decimals
+    assert abs(row[2] - generator.log_likelihood(clip)[0]) > 1e-3
+
+
+def test_random_label_is_drawn_per_clip_from_its_seed(client, tiny_labelled_checkpoint):
+    """ "random" gives each clip a value, named in its file; the clip's seed alone redraws it."""
+    labels = json.dumps({"digit": "random", "speaker": "bob"})  # JSON text works as well as a dict
+    files, ranking, *_ = generate_labelled(
+        client, tiny_labelled_checkpoint, labels, 2.0, clips=2, seed=20
+    )
+    drawn = {row[1]: row[3] for row in ranking["data"]}  # seed -> "digit X, speaker bob"
+    assert sorted(drawn) == [20, 21]
+    digits = {
+        seed: text.removeprefix("digit ").removesuffix(", speaker bob")
+        for seed, text in drawn.items()
+    }
+    assert set(digits.values()) <= {"0", "1", "7"}
+    for path, row in zip(files, ranking["data"], strict=True):
+        assert f"seed{row[1]}_digit-{digits[row[1]]}_speaker-bob_generate_" in Path(path).name
+    generator = Generator.from_checkpoint(tiny_labelled_checkpoint, device="cpu")
+    expected = generator.generate(
+        round(LABELLED_SECONDS * RATE),
+        batch_size=2,
+        seed=20,
+        labels=[{"digit": digits[seed], "speaker": "bob"} for seed in (20, 21)],
+        guidance=2.0,
+        **SAMPLING,
+    )
+    by_seed = {row[1]: clip for row, clip in zip(ranking["data"], read_clips(files), strict=True)}
+    np.testing.assert_allclose([by_seed[20], by_seed[21]], expected, atol=PCM16)
+    # alone, with seed 21, the clip draws the digit it drew as the second clip of a batch
+    alone, *_ = generate_labelled(client, tiny_labelled_checkpoint, labels, 2.0, seed=21)
+    assert f"_digit-{digits[21]}_speaker-bob_" in Path(alone[0]).name
+
+
+def test_continue_takes_labels_and_guidance(client, tiny_labelled_checkpoint, tmp_path):
+    prompt = tmp_path / "prompt.wav"
+    t = np.arange(800) / RATE
+    sf.write(prompt, 0.5 * np.sin(2 * np.pi * 300 * t), RATE, subtype="PCM_16")
+    files, ranking, *_ = client.predict(
+        str(tiny_labelled_checkpoint),
+        handle_file(str(prompt)),
+        0.05,
+        LABELLED_SECONDS,
+        1,
+        *SAMPLING.values(),
+        4,
+        False,
+        labels={"speaker": "ann"},
+        guidance=1.5,
+        api_name="/continue",
+    )
+    (clip,) = read_clips(files)
+    kept = load_audio(prompt, RATE)[:400]
+    generator = Generator.from_checkpoint(tiny_labelled_checkpoint, device="cpu")
+    added = generator.generate(
+        round(LABELLED_SECONDS * RATE),
+        seed=4,
+        prompt=kept,
+        labels={"speaker": "ann"},
+        guidance=1.5,
+        **SAMPLING,
+    )[0]
+    np.testing.assert_allclose(clip, np.concatenate([kept, added]), atol=PCM16)
+    assert "seed4_speaker-ann_continue_keep0.05s_add0.05s_t1_p0.95_g1.5.wav" in files[0]
+
+
+def test_unknown_labels_are_refused_naming_the_known_ones(
+    client, tiny_checkpoint, tiny_labelled_checkpoint
+):
+    with pytest.raises(AppError, match=r"unknown digit '5'; known values: 0, 1, 7"):
+        generate_labelled(client, tiny_labelled_checkpoint, {"digit": "5"}, 2.0)
+    with pytest.raises(AppError, match=r"unknown label field 'colour'; .*\['digit', 'speaker'\]"):
+        generate_labelled(client, tiny_labelled_checkpoint, {"colour": "random"}, 2.0)
+    with pytest.raises(AppError, match=r"trained without labels"):
+        generate_labelled(client, tiny_checkpoint, {"digit": "7"}, 2.0)
+    with pytest.raises(AppError, match=r'labels must be a JSON object such as \{"digit": "7"\}'):
+        generate_labelled(client, tiny_labelled_checkpoint, "digit=7", 2.0)
+    with pytest.raises(AppError, match=r"25.0 is greater than maximum value 10.0"):  # the slider's
+        generate_labelled(client, tiny_labelled_checkpoint, {"digit": "7"}, 25.0)
+
+
+def test_unlabelled_checkpoint_shows_no_label_controls(server):
+    """The page opens on the unlabelled tiny checkpoint: every label menu and the guidance
+    slider are hidden (the browser test shows them for the labelled one)."""
+    config = httpx.get(f"{server}config").json()
+    dropdowns = [c["props"] for c in config["components"] if c["type"] == "dropdown"]
+    menus = [props for props in dropdowns if props["label"] != "model"]
+    assert len(menus) == MAX_LABEL_FIELDS and not any(props["visible"] for props in menus)
+    (slider,) = [c["props"] for c in config["components"] if c["props"].get("label") == "guidance"]
+    assert slider["visible"] is False
+
+
 def test_bad_limits_are_refused_in_one_line(capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["--max-seconds", "0"])
@@ -269,7 +402,9 @@ def test_without_ffmpeg_clips_still_arrive_with_a_silent_live_player(
 
 
 @pytest.mark.skipif(not CHROMIUM.exists(), reason="needs Debian's chromium at /usr/bin/chromium")
-def test_page_generates_in_headless_chromium(server, tmp_path):
+def test_page_generates_in_headless_chromium(server, tiny_labelled_checkpoint, tmp_path):
+    """The page opens on the unlabelled checkpoint with no label menus; picking the labelled one
+    shows its menus (digit random, speaker any), and the digit picked there names the clip."""
     from playwright.sync_api import expect, sync_playwright
 
     with sync_playwright() as playwright:
@@ -288,9 +423,22 @@ def test_page_generates_in_headless_chromium(server, tmp_path):
         page = browser.new_page(viewport={"width": 1280, "height": 1400})
         page.goto(server)
         expect(page.get_by_text("device in use")).to_be_visible(timeout=30_000)
+        expect(page.get_by_label("guidance").first).to_be_hidden()
+        page.get_by_role("combobox", name="model").click()
+        page.get_by_role("option", name=str(tiny_labelled_checkpoint.resolve())).click()
+        digit = page.get_by_role("combobox", name="digit")
+        speaker = page.get_by_role("combobox", name="speaker")
+        expect(digit).to_be_visible(timeout=30_000)
+        expect(digit).to_have_value("random")
+        expect(speaker).to_have_value("any")
+        expect(page.get_by_label("guidance").first).to_be_visible()
+        digit.click()
+        page.get_by_role("option", name="7", exact=True).click()
         page.get_by_label("seconds per clip").fill("0.25")
         page.get_by_role("button", name="Generate").click()
-        expect(page.get_by_text("#1 · seed")).to_be_visible(timeout=60_000)
+        expect(page.get_by_text(re.compile(r"#1 · seed \d+ · digit 7 · "))).to_be_visible(
+            timeout=60_000
+        )
         expect(page.get_by_text("sampled in")).to_be_visible()
         page.screenshot(path=tmp_path / "page.png", full_page=True)
         browser.close()
