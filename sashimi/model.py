@@ -15,6 +15,8 @@ The same network runs in convolution mode (`forward`, `prime`) and recurrently (
 import dataclasses
 import json
 import math
+import types
+import typing
 from dataclasses import dataclass
 
 import torch
@@ -34,13 +36,40 @@ KERNELS = tuple(KERNEL_DISCRETIZATION)
 INITS = ("legs", "lin")
 
 
+def _fits(value, kind) -> bool:
+    """Whether a value read from JSON fits a config field's type: int, float (an int will do),
+    str, bool, tuples as lists or tuples, and unions such as `str | None`."""
+    if typing.get_origin(kind) in (typing.Union, types.UnionType):
+        return any(_fits(value, k) for k in typing.get_args(kind))
+    if typing.get_origin(kind) is tuple:
+        items = typing.get_args(kind)
+        if not isinstance(value, list | tuple):
+            return False
+        if items[-1:] == (Ellipsis,):  # tuple[int, ...]
+            items = items[:1] * len(value)
+        return len(items) == len(value) and all(map(_fits, value, items))
+    if kind is type(None):
+        return value is None
+    if isinstance(value, bool):  # JSON's true is no number, though Python's bool is an int
+        return kind is bool
+    if kind is float:
+        return isinstance(value, int | float)
+    return isinstance(value, typing.get_origin(kind) or kind)
+
+
 def config_from_dict(cls: type, d: dict, what: str):
     """cls(**d) for a config dataclass read back from JSON: a key cls does not have is an error
-    naming the known ones (a typo must not pass silently), and JSON's lists become tuples."""
+    naming the known ones (a typo must not pass silently), a value of another type than the
+    field's is an error naming both, and JSON's lists become tuples."""
     known = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(d) - known)
     if unknown:
         raise ValueError(f"unknown {what} {unknown}; known keys: {sorted(known)}")
+    kinds = typing.get_type_hints(cls)
+    for key, value in d.items():
+        if not _fits(value, kinds[key]):
+            kind = kinds[key].__name__ if isinstance(kinds[key], type) else kinds[key]
+            raise ValueError(f"{key} must be {kind}, got {value!r}")
     return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
 
 
