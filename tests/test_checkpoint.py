@@ -97,6 +97,18 @@ DAMAGES = {  # what was done to a good checkpoint -> the error, after the file's
         r"config.json: unknown config keys \['widht'\]; known keys: \[.*\]",
     ),
     "bad value": (edit_config(kernel="fast"), r"config.json: kernel must be one of .*, got 'fast'"),
+    "a word for a width": (
+        edit_config(d_model="wide"),
+        r"config.json: d_model must be int, got 'wide'",
+    ),
+    "a word among the pooling factors": (
+        edit_config(pool=[4, "4"]),
+        r"config.json: pool must be tuple\[int, \.\.\.\], got \[4, '4'\]",
+    ),
+    "true for a number": (
+        edit_config(dropout=True),
+        r"config.json: dropout must be float, got True",
+    ),
     "weights hold NaN": (
         poison_weights,
         r"model.safetensors holds NaN or inf in 2 of \d+ tensors \(embedding.weight, head.bias\): "

@@ -4,6 +4,7 @@ on stderr and exit status 2, here for checkpoints damaged in each way a load can
 
 import json
 import os
+import re
 import shutil
 
 import numpy as np
@@ -139,3 +140,30 @@ def test_resume_from_a_damaged_last_folder_is_one_line_naming_the_file(
     if file.startswith("trainer_state"):
         go_on = f"start a new one from its weights with --init {out / 'last'} and another --out"
         assert line.endswith(go_on), line
+
+
+@pytest.mark.parametrize("size", ["2m", "1m"])
+def test_training_on_a_full_disk_stops_with_one_line_and_leaves_no_half_save(
+    size, tones, small_disk, capsys
+):
+    """On 2 MB the first saves fit and a later one does not; on 1 MB the first save of last/
+    does not. Either way: exit 1, one line naming the save, its size and the free space, the
+    saves before intact and nothing half-written (no last.tmp/, no torn file)."""
+    out = small_disk(size) / "run"
+    args = ["--data", str(tones), "--out", str(out), *TRAIN.split(), "--steps", "20"]
+    assert train_main(args) == 1
+    line = error_line(capsys)
+    assert re.fullmatch(
+        rf"python -m train: error: no space left to save {out}/(last|best|samples|metrics\.\w+): "
+        r"it needs (about|more than the) [\d.]+ [kM]?B.*, and [\d.]+ [kM]?B is free on that disk; "
+        r"free some space, then (continue the run with --resume|start again with another --out)",
+        line,
+    ), line
+    left = [p.name for p in out.rglob("*") if ".tmp" in p.name or p.name.endswith(".old")]
+    assert left == []
+    for save in ("last", "best"):
+        if (out / save).exists():
+            load_checkpoint(out / save)
+    if (out / "last").exists():
+        assert "--resume" in line
+        assert train_main(["--out", str(out), "--resume", "--steps", "20"]) == 1  # still full

@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 from sashimi.audio import QUANTIZATIONS
-from sashimi.checkpoint import load_checkpoint
+from sashimi.checkpoint import DiskFullError, load_checkpoint, resolve_save
 from sashimi.cli import Parser, add_device_argument
 from sashimi.model import KERNELS, PRESETS, SaShiMiConfig
 
@@ -264,6 +264,11 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(str(error))
     except FloatingPointError as error:
         print(f"{parser.prog}: error: {error}", file=sys.stderr)
+        return 1
+    except DiskFullError as error:  # the saves before are intact, and nothing half-written is left
+        saved = resolve_save(Path(args.out) / "last").exists()
+        then = "continue the run with --resume" if saved else "start again with another --out"
+        print(f"{parser.prog}: error: {error}; free some space, then {then}", file=sys.stderr)
         return 1
     if rank == 0:
         print(json.dumps({"run": cfg.out, **result}))

@@ -684,107 +684,114 @@ def train(
         replace_folder(run_dir / "best", write, needed=tensor_bytes(model.state_dict().values()))
 
     # --- the loop -------------------------------------------------------------------------------
-    bar = tqdm(total=cfg.steps, initial=step, unit="step", file=sys.stderr, disable=not master)
-    interval_bits, interval_start, interval_steps, nonfinite = [], time.perf_counter(), 0, 0
-    model.train()
-    while step < cfg.steps:
-        lr_scale = lr_factor(step, cfg)
-        for group in optimizer.param_groups:
-            group["lr"] = group["peak_lr"] * lr_scale
-        # One global batch of batch_size windows per process; this process takes its share.
-        order, epoch, index = take_windows(
-            len(windows), cfg.seed, epoch, index, world * cfg.batch_size
-        )
-        gains = None
-        if cfg.gain_db > 0:
-            gains = (torch.rand(len(order), generator=gain_rng) * 2 - 1) * cfg.gain_db
-            gains = gains[rank * cfg.batch_size : (rank + 1) * cfg.batch_size]
-        mine = [windows[i] for i in order[rank * cfg.batch_size : (rank + 1) * cfg.batch_size]]
-        inputs, targets = make_batch(
-            train_clips, mine, cfg.seq_len, config.quantization, config.n_classes, gains
-        )
-        if cfg.score_padding:  # the padding after a clip's end is silence the model must predict
-            targets = targets.masked_fill(targets == IGNORE_INDEX, model.start_token)
-        labels = None
-        if vocabulary:  # a function of (seed, step, rank): a resumed run drops the same fields
-            labels = drop_labels(
-                label_tensor(vocabulary, [train_labels[w.clip] for w in mine]),
-                cfg.label_dropout,
-                torch.Generator().manual_seed((cfg.seed * 1_000_003 + step) * world + rank),
-            ).to(device)
-        with autocast:
-            logits = net(inputs.to(device), labels)
-            loss = nll_bits(logits.float(), targets.to(device))  # bits per sample
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or math.inf)
-        loss_all = loss.detach().clone()
-        if world > 1:  # a NaN on any process makes the sum NaN on all: they skip together
-            dist.all_reduce(loss_all)
-            loss_all /= world
-        bits = loss_all.item()
-        if math.isfinite(bits) and torch.isfinite(grad_norm):
-            optimizer.step()
-            interval_bits.append(bits)
-            nonfinite = 0
-        else:
-            nonfinite += 1
-            log.warning(
-                f"step {step + 1}: non-finite loss {bits} or gradient norm "
-                f"{grad_norm.item()}; step skipped"
+    # a context, so that the bar ends its line before an error is printed below it
+    with tqdm(
+        total=cfg.steps, initial=step, unit="step", file=sys.stderr, disable=not master
+    ) as bar:
+        interval_bits, interval_start, interval_steps, nonfinite = [], time.perf_counter(), 0, 0
+        model.train()
+        while step < cfg.steps:
+            lr_scale = lr_factor(step, cfg)
+            for group in optimizer.param_groups:
+                group["lr"] = group["peak_lr"] * lr_scale
+            # One global batch of batch_size windows per process; this process takes its share.
+            order, epoch, index = take_windows(
+                len(windows), cfg.seed, epoch, index, world * cfg.batch_size
             )
-            if nonfinite == MAX_NONFINITE_STEPS:
-                raise FloatingPointError(
-                    f"{MAX_NONFINITE_STEPS} steps in a row had a non-finite loss or gradient "
-                    f"(last at step {step + 1}); lower --lr or --grad-clip, or look for bad audio"
+            gains = None
+            if cfg.gain_db > 0:
+                gains = (torch.rand(len(order), generator=gain_rng) * 2 - 1) * cfg.gain_db
+                gains = gains[rank * cfg.batch_size : (rank + 1) * cfg.batch_size]
+            mine = [windows[i] for i in order[rank * cfg.batch_size : (rank + 1) * cfg.batch_size]]
+            inputs, targets = make_batch(
+                train_clips, mine, cfg.seq_len, config.quantization, config.n_classes, gains
+            )
+            # the padding after a clip's end is silence the model must predict
+            if cfg.score_padding:
+                targets = targets.masked_fill(targets == IGNORE_INDEX, model.start_token)
+            labels = None
+            if vocabulary:  # a function of (seed, step, rank): a resumed run drops the same fields
+                labels = drop_labels(
+                    label_tensor(vocabulary, [train_labels[w.clip] for w in mine]),
+                    cfg.label_dropout,
+                    torch.Generator().manual_seed((cfg.seed * 1_000_003 + step) * world + rank),
+                ).to(device)
+            with autocast:
+                logits = net(inputs.to(device), labels)
+                loss = nll_bits(logits.float(), targets.to(device))  # bits per sample
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            grad_norm = torch.nn.utils.clip_grad_norm_(
+                model.parameters(), cfg.grad_clip or math.inf
+            )
+            loss_all = loss.detach().clone()
+            if world > 1:  # a NaN on any process makes the sum NaN on all: they skip together
+                dist.all_reduce(loss_all)
+                loss_all /= world
+            bits = loss_all.item()
+            if math.isfinite(bits) and torch.isfinite(grad_norm):
+                optimizer.step()
+                interval_bits.append(bits)
+                nonfinite = 0
+            else:
+                nonfinite += 1
+                log.warning(
+                    f"step {step + 1}: non-finite loss {bits} or gradient norm "
+                    f"{grad_norm.item()}; step skipped"
                 )
-        step += 1
-        interval_steps += 1
-        bar.update(1)
-        bar.set_postfix(bits=f"{bits:.3f}", lr=f"{cfg.lr * lr_scale:.2e}")
+                if nonfinite == MAX_NONFINITE_STEPS:
+                    raise FloatingPointError(
+                        f"{MAX_NONFINITE_STEPS} steps in a row had a non-finite loss or gradient "
+                        f"(last at step {step + 1}); lower --lr or --grad-clip, or look for bad audio"
+                    )
+            step += 1
+            interval_steps += 1
+            bar.update(1)
+            bar.set_postfix(bits=f"{bits:.3f}", lr=f"{cfg.lr * lr_scale:.2e}")
 
-        validate = step % cfg.valid_every == 0 or step == cfg.steps
-        if master and (step % cfg.log_every == 0 or validate):
-            now = time.perf_counter()
-            if interval_bits:
-                train_bits = sum(interval_bits) / len(interval_bits)
-            samples_per_s = (
-                interval_steps * world * cfg.batch_size * cfg.seq_len / (now - interval_start)
-            )
-            if validate and valid_tokens:
-                valid_bits = evaluate_bits(model, valid_tokens, cfg.batch_size, valid_label_rows)
-                if vocabulary:
-                    valid_bits_unlabelled = evaluate_bits(model, valid_tokens, cfg.batch_size)
-                if valid_bits < best_bits:
-                    best_bits = valid_bits
-                    save_best()
-            if validate:
-                write_samples(model, run_dir, step, cfg)
-                model.train()
-            append_metrics(
-                run_dir,
-                {
-                    "step": step,
-                    "train_bits": "" if train_bits is None else train_bits,
-                    "valid_bits": valid_bits if validate else "",
-                    "lr": cfg.lr * lr_scale,
-                    "samples_per_s": round(samples_per_s, 1),
-                    "elapsed_s": round(elapsed + now - started, 1),
-                },
-            )
-            if validate:
-                plot_metrics(run_dir)
-                known = {
-                    "train": train_bits,
-                    "valid": valid_bits,
-                    "valid without labels": valid_bits_unlabelled,
-                }
-                summary = ", ".join(f"{k} {v:.3f}" for k, v in known.items() if v is not None)
-                bar.write(f"step {step:,}: {summary} bits/sample", file=sys.stderr)
-            interval_bits, interval_start, interval_steps = [], time.perf_counter(), 0
-        if step % cfg.save_every == 0 or step == cfg.steps:
-            save_last()
-    bar.close()
+            validate = step % cfg.valid_every == 0 or step == cfg.steps
+            if master and (step % cfg.log_every == 0 or validate):
+                now = time.perf_counter()
+                if interval_bits:
+                    train_bits = sum(interval_bits) / len(interval_bits)
+                samples_per_s = (
+                    interval_steps * world * cfg.batch_size * cfg.seq_len / (now - interval_start)
+                )
+                if validate and valid_tokens:
+                    valid_bits = evaluate_bits(
+                        model, valid_tokens, cfg.batch_size, valid_label_rows
+                    )
+                    if vocabulary:
+                        valid_bits_unlabelled = evaluate_bits(model, valid_tokens, cfg.batch_size)
+                    if valid_bits < best_bits:
+                        best_bits = valid_bits
+                        save_best()
+                if validate:
+                    write_samples(model, run_dir, step, cfg)
+                    model.train()
+                append_metrics(
+                    run_dir,
+                    {
+                        "step": step,
+                        "train_bits": "" if train_bits is None else train_bits,
+                        "valid_bits": valid_bits if validate else "",
+                        "lr": cfg.lr * lr_scale,
+                        "samples_per_s": round(samples_per_s, 1),
+                        "elapsed_s": round(elapsed + now - started, 1),
+                    },
+                )
+                if validate:
+                    plot_metrics(run_dir)
+                    known = {
+                        "train": train_bits,
+                        "valid": valid_bits,
+                        "valid without labels": valid_bits_unlabelled,
+                    }
+                    summary = ", ".join(f"{k} {v:.3f}" for k, v in known.items() if v is not None)
+                    bar.write(f"step {step:,}: {summary} bits/sample", file=sys.stderr)
+                interval_bits, interval_start, interval_steps = [], time.perf_counter(), 0
+            if step % cfg.save_every == 0 or step == cfg.steps:
+                save_last()
 
     if world > 1:  # every process must hold the same weights, or DDP went wrong
         sha1 = weights_sha1(model)
