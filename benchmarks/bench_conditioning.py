@@ -109,6 +109,9 @@ def main() -> None:
     parser.add_argument("--dropouts", type=float, nargs="*", default=[0.0, 0.3])
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--data", type=Path, default=FSDD)
+    parser.add_argument(
+        "--only", nargs="*", default=None, help="run only these variants (e.g. input_only)"
+    )
     args = parser.parse_args()
     torch.set_num_threads(1)
 
@@ -134,6 +137,8 @@ def main() -> None:
     ]
     results = {}
     for name, build, dropout in variants:
+        if args.only is not None and name not in args.only:
+            continue
         torch.manual_seed(args.seed)  # the same initial weights and data order for every variant
         vocab = vocabulary if dropout is not None else {}
         key = name if dropout is None else f"{name}, label dropout {dropout}"

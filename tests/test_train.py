@@ -340,6 +340,8 @@ def test_labelled_run_resumes_exactly(labelled_folder, tmp_path, capsys):
     )
     for name, tensor in straight.items():
         assert torch.equal(split[name], tensor), name
+    commands = load_checkpoint(tmp_path / "split" / "last")[1]["command"].splitlines()
+    assert len(commands) == 2 and commands[1].endswith("--resume --steps 4")  # both, in order
 
 
 def test_init_starts_from_a_checkpoint_and_keeps_its_architecture(

@@ -575,6 +575,7 @@ def train(
     gain_rng = torch.Generator().manual_seed(cfg.seed)
     torch.manual_seed(cfg.seed + 1 + rank)  # dropout: its own stream in each process
     step, epoch, index, elapsed, best_bits = 0, 0, 0, 0.0, math.inf
+    commands = [command]  # how to reproduce: the first command, then each resume's
     train_bits, valid_bits = None, None  # means of the last logged interval, the last validation
     valid_bits_unlabelled = None  # a labelled model's last validation with every field unknown
     if resume:
@@ -590,6 +591,7 @@ def train(
         train_bits, valid_bits = state["train_bits"], state["valid_bits"]
         valid_bits_unlabelled = state.get("valid_bits_unlabelled")
         elapsed, best_bits = state["elapsed_s"], state["best_valid_bits"] or math.inf
+        commands = state.get("commands", []) + commands
         gain_rng.set_state(tensors["rng.gain"])
         if state["world_size"] == world:
             torch.set_rng_state(tensors["rng.torch_cpu"][rank])
@@ -638,7 +640,7 @@ def train(
             if device.type == "cuda"
             else f"cpu ({torch.get_num_threads()} threads)",
             "num_parameters": num_parameters,
-            "command": command,
+            "command": "\n".join(commands),
         }
 
     def save_last() -> None:
@@ -662,6 +664,7 @@ def train(
             "best_valid_bits": None if best_bits == math.inf else best_bits,
             "world_size": world,
             "train_config": cfg.to_dict(),
+            "commands": commands,
         }
         tensors, state = trainer_state(optimizer, rng, scalars)
 
