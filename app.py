@@ -7,6 +7,7 @@ requests sample at once while the others wait.
 """
 
 import argparse
+import logging
 import os
 import sys
 from pathlib import Path
@@ -97,6 +98,9 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as error:
         parser.error(str(error))
     os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"  # no usage reports, no version check
+    # our lines on stderr (one per refused request, warnings); other libraries' warnings only
+    logging.basicConfig(format="%(asctime)s %(name)s: %(message)s", level=logging.WARNING)
+    logging.getLogger("sashimi").setLevel(logging.INFO)
     WebUI(args.checkpoint, limits, device).build().queue().launch(
         server_name=args.host,
         server_port=args.port,

@@ -22,6 +22,7 @@ message in the page, never a traceback.
 import io
 import json
 import logging
+import math
 import random
 import secrets
 import shutil
@@ -71,8 +72,45 @@ class Limits:
 
 
 def refused(message: str) -> gr.Error:
-    """The error for a request we turn down: shown in the page, not logged as a crash."""
+    """The error for a request we turn down: shown in the page (or returned to the API client)
+    and logged as one line, not as a crash."""
+    log.info("refused a request: %s", message)
     return gr.Error(message, print_exception=False)
+
+
+def check_number(name: str, value, minimum: float | None, maximum: float | None) -> None:
+    """Refuse a value that is not a finite number in [minimum, maximum] (None: no bound)."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise refused(f"{name} must be a finite number, got {value!r}")
+    if minimum is not None and value < minimum:
+        raise refused(f"{name} must be at least {minimum:g}, got {value:g}")
+    if maximum is not None and value > maximum:
+        raise refused(f"{name} must be at most {maximum:g}, got {value:g}")
+
+
+def refusing(component: type[gr.components.Component]) -> type[gr.components.Component]:
+    """`component` (gr.Number, gr.Slider, gr.Dropdown) as an input whose bad values are refused
+    by name: Gradio's own checks answer an API client sending NaN for a whole number with no
+    message, and a value out of range with a 25-line traceback in the server log."""
+
+    class Refusing(component):
+        is_template = True  # drawn in the page by Gradio's own `component`
+
+        def preprocess(self, payload):
+            empty_number = isinstance(self, gr.Number) and payload is None  # the handler says
+            if isinstance(self, gr.Number | gr.Slider) and not empty_number:
+                check_number(self.label, payload, self.minimum, self.maximum)
+            try:
+                return super().preprocess(payload)
+            except gr.Error as error:  # a Dropdown's value that is not one of its choices
+                raise refused(f"{self.label}: {error.message}") from None
+
+    # Gradio tells components apart by class name and file: one name per component class
+    Refusing.__name__ = Refusing.__qualname__ = f"Refusing{component.__name__}"
+    return Refusing
+
+
+Number, Slider, Dropdown = refusing(gr.Number), refusing(gr.Slider), refusing(gr.Dropdown)
 
 
 def display_path(path: Path) -> str:
@@ -487,17 +525,17 @@ class WebUI:
                 "and listen while it is being made."
             )
             with gr.Row():
-                picker = gr.Dropdown(names, value=self.selected, label="model", scale=1)
+                picker = Dropdown(names, value=self.selected, label="model", scale=1)
                 card = gr.Markdown(self.models.card(None) if not names else "loading…")
             with gr.Row():
-                clips = gr.Number(
+                clips = Number(
                     1,
                     label="clips",
                     precision=0,
                     minimum=1,
                     info=f"sampled together, up to {limits.max_clips}",
                 )
-                temperature = gr.Slider(
+                temperature = Slider(
                     0.0,
                     2.0,
                     1.0,
@@ -505,7 +543,7 @@ class WebUI:
                     label="temperature",
                     info="below 1 is more conservative, 0 is greedy",
                 )
-                top_p = gr.Slider(
+                top_p = Slider(
                     0.05,
                     1.0,
                     1.0,
@@ -514,7 +552,7 @@ class WebUI:
                     info="sample only from the likeliest classes holding this "
                     "much probability (1 = off)",
                 )
-                seed = gr.Number(
+                seed = Number(
                     0,
                     label="seed",
                     precision=0,
@@ -524,13 +562,13 @@ class WebUI:
                 random_seed = gr.Checkbox(True, label="random seed")
             with gr.Row():  # a labelled checkpoint's fields (see MAX_LABEL_FIELDS), and guidance
                 menus = [
-                    gr.Dropdown(
+                    Dropdown(
                         **menu,
                         info=f"{RANDOM}: each clip draws one (from its seed); {ANY}: left open",
                     )
                     for menu in label_menus(vocabulary)
                 ]
-                guidance = gr.Slider(
+                guidance = Slider(
                     *GUIDANCE_SLIDER[:2],
                     DEFAULT_GUIDANCE,
                     step=GUIDANCE_SLIDER[2],
@@ -543,7 +581,7 @@ class WebUI:
             labels = gr.JSON(None, label="labels", visible=False)
             with gr.Tabs():
                 with gr.Tab("Generate"):
-                    seconds = gr.Number(
+                    seconds = Number(
                         1.0,
                         label="seconds per clip",
                         minimum=0,
@@ -557,13 +595,13 @@ class WebUI:
                         label="prompt (.wav .flac .ogg .mp3, or record)",
                     )
                     with gr.Row():
-                        keep_seconds = gr.Number(
+                        keep_seconds = Number(
                             1.0,
                             label="seconds of the prompt to keep",
                             minimum=0,
                             info="from its start",
                         )
-                        add_seconds = gr.Number(
+                        add_seconds = Number(
                             1.0,
                             label="seconds to add",
                             minimum=0,
