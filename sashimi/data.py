@@ -150,34 +150,29 @@ class AudioFolder:
         ignore = tuple(p.resolve() for p in ignore)
         cached = _read_manifest(manifest, root) if manifest else {}
         files, unsearched = _walk(root)
-        entries = [
-            FileEntry(path.relative_to(root).as_posix(), 0, 0, skipped=why)
-            for path, why in unsearched.items()
-        ]
+
+        def left_out(relative: str, location: Path) -> bool:
+            return (
+                any(fnmatch.fnmatch(relative, pattern) for pattern in exclude)
+                or (include and not any(fnmatch.fnmatch(relative, p) for p in include))
+                or any(location.is_relative_to(folder) for folder in ignore)
+            )
+
+        entries = []
+        for path, why in unsearched.items():  # a loop has no resolved path: its folder's is used
+            relative = path.relative_to(root).as_posix()
+            if not left_out(relative, path.parent.resolve() / path.name):
+                entries.append(FileEntry(relative, 0, 0, skipped=why))
         for path in files:
             relative = path.relative_to(root).as_posix()
-            if any(fnmatch.fnmatch(relative, pattern) for pattern in exclude):
-                continue
-            if include and not any(fnmatch.fnmatch(relative, pattern) for pattern in include):
-                continue
-            if any(path.resolve().is_relative_to(folder) for folder in ignore):
+            if left_out(relative, path.resolve()):
                 continue
             info = path.stat()
             entry = FileEntry(relative, info.st_size, info.st_mtime_ns)
             old = cached.get(relative)
-            # a skipped file is probed again: chmod +r changes no size or mtime
-            if (
-                old is not None
-                and old.skipped is None
-                and (old.size, old.mtime_ns)
-                == (
-                    entry.size,
-                    entry.mtime_ns,
-                )
-            ):
-                entries.append(old)
-            else:
-                entries.append(_probe(path, entry))
+            unchanged = old is not None and (old.size, old.mtime_ns) == (entry.size, entry.mtime_ns)
+            # a skipped file is probed again: making it readable changes neither size nor mtime
+            entries.append(old if unchanged and old.skipped is None else _probe(path, entry))
         entries.sort(key=lambda e: Path(e.path))
         return cls(root, entries)
 

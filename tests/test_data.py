@@ -141,6 +141,23 @@ def test_places_that_cannot_be_searched_are_named_in_the_skipped_list(
     assert {e.path: e.skipped for e in again.entries}["locked.wav"] is None
 
 
+def test_excluded_and_ignored_places_are_not_reported(tmp_path):
+    root = tmp_path / "data"
+    (root / "old").mkdir(parents=True)
+    sf.write(root / "tone.wav", np.zeros(800), 8000)
+    (root / "old" / "gone.wav").symlink_to(root / "old" / "deleted.wav")
+    (root / "run").mkdir()
+    (root / "run" / "loop.wav").symlink_to(root / "run" / "loop.wav")
+    folder = AudioFolder.scan(root, exclude=("old/*",), ignore=(root / "run",))
+    assert [(e.path, e.skipped) for e in folder.entries] == [("tone.wav", None)]
+    every = AudioFolder.scan(root)
+    assert [(e.path, e.skipped) for e in every.entries] == [
+        ("old/gone.wav", f"broken symlink (to {root}/old/deleted.wav)"),
+        ("run/loop.wav", "symlink loop"),
+        ("tone.wav", None),
+    ]
+
+
 def test_a_data_folder_that_cannot_be_listed_is_a_clear_error(public_tmp_path, unprivileged):
     (public_tmp_path / "data").mkdir(mode=0o000)
     with unprivileged(), pytest.raises(ValueError) as error:
