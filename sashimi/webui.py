@@ -88,29 +88,27 @@ def check_number(name: str, value, minimum: float | None, maximum: float | None)
         raise refused(f"{name} must be at most {maximum:g}, got {value:g}")
 
 
-def refusing(component: type[gr.components.Component]) -> type[gr.components.Component]:
-    """`component` (gr.Number, gr.Slider, gr.Dropdown) as an input whose bad values are refused
-    by name: Gradio's own checks answer an API client sending NaN for a whole number with no
-    message, and a value out of range with a 25-line traceback in the server log."""
+def refuse_bad_values(component: gr.Number | gr.Slider | gr.Dropdown) -> None:
+    """Make an input refuse its bad values by name: Gradio's own checks answer an
+    API client sending NaN for a whole number with no message, and a value out of range with a
+    25-line traceback in the server log.
 
-    class Refusing(component):
-        is_template = True  # drawn in the page by Gradio's own `component`
+    The check is set on the instance: a subclass would make Gradio write a .pyi file beside this
+    module. Gradio rebuilds a component from its class when an event updates its properties, so
+    no event updates these (the guidance slider is hidden through its column).
+    """
+    gradio_preprocess = component.preprocess
 
-        def preprocess(self, payload):
-            empty_number = isinstance(self, gr.Number) and payload is None  # the handler says
-            if isinstance(self, gr.Number | gr.Slider) and not empty_number:
-                check_number(self.label, payload, self.minimum, self.maximum)
-            try:
-                return super().preprocess(payload)
-            except gr.Error as error:  # a Dropdown's value that is not one of its choices
-                raise refused(f"{self.label}: {error.message}") from None
+    def preprocess(payload):
+        empty_number = isinstance(component, gr.Number) and payload is None  # the handler says
+        if isinstance(component, gr.Number | gr.Slider) and not empty_number:
+            check_number(component.label, payload, component.minimum, component.maximum)
+        try:
+            return gradio_preprocess(payload)
+        except gr.Error as error:  # a Dropdown's value that is not one of its choices
+            raise refused(f"{component.label}: {error.message}") from None
 
-    # Gradio tells components apart by class name and file: one name per component class
-    Refusing.__name__ = Refusing.__qualname__ = f"Refusing{component.__name__}"
-    return Refusing
-
-
-Number, Slider, Dropdown = refusing(gr.Number), refusing(gr.Slider), refusing(gr.Dropdown)
+    component.preprocess = preprocess
 
 
 def display_path(path: Path) -> str:
@@ -343,7 +341,7 @@ class WebUI:
     # --- the label menus -----------------------------------------------------------------------
     @staticmethod
     def label_controls(checkpoint: str | None) -> list[dict]:
-        """Updates of the label menus and the guidance slider for the picked checkpoint."""
+        """Updates of the label menus and the guidance slider's column for the picked checkpoint."""
         vocabulary = checkpoint_vocabulary(checkpoint)
         menus = [gr.update(**menu) for menu in label_menus(vocabulary)]
         return [*menus, gr.update(visible=bool(vocabulary))]
@@ -525,17 +523,17 @@ class WebUI:
                 "and listen while it is being made."
             )
             with gr.Row():
-                picker = Dropdown(names, value=self.selected, label="model", scale=1)
+                picker = gr.Dropdown(names, value=self.selected, label="model", scale=1)
                 card = gr.Markdown(self.models.card(None) if not names else "loading…")
             with gr.Row():
-                clips = Number(
+                clips = gr.Number(
                     1,
                     label="clips",
                     precision=0,
                     minimum=1,
                     info=f"sampled together, up to {limits.max_clips}",
                 )
-                temperature = Slider(
+                temperature = gr.Slider(
                     0.0,
                     2.0,
                     1.0,
@@ -543,7 +541,7 @@ class WebUI:
                     label="temperature",
                     info="below 1 is more conservative, 0 is greedy",
                 )
-                top_p = Slider(
+                top_p = gr.Slider(
                     0.05,
                     1.0,
                     1.0,
@@ -552,7 +550,7 @@ class WebUI:
                     info="sample only from the likeliest classes holding this "
                     "much probability (1 = off)",
                 )
-                seed = Number(
+                seed = gr.Number(
                     0,
                     label="seed",
                     precision=0,
@@ -562,26 +560,26 @@ class WebUI:
                 random_seed = gr.Checkbox(True, label="random seed")
             with gr.Row():  # a labelled checkpoint's fields (see MAX_LABEL_FIELDS), and guidance
                 menus = [
-                    Dropdown(
+                    gr.Dropdown(
                         **menu,
                         info=f"{RANDOM}: each clip draws one (from its seed); {ANY}: left open",
                     )
                     for menu in label_menus(vocabulary)
                 ]
-                guidance = Slider(
-                    *GUIDANCE_SLIDER[:2],
-                    DEFAULT_GUIDANCE,
-                    step=GUIDANCE_SLIDER[2],
-                    label="guidance",
-                    info="classifier-free guidance: 1 = none, higher = closer to the labels",
-                    visible=bool(vocabulary),
-                )
+                with gr.Column(visible=bool(vocabulary), elem_id="guidance") as guidance_column:
+                    guidance = gr.Slider(
+                        *GUIDANCE_SLIDER[:2],
+                        DEFAULT_GUIDANCE,
+                        step=GUIDANCE_SLIDER[2],
+                        label="guidance",
+                        info="classifier-free guidance: 1 = none, higher = closer to the labels",
+                    )
             # The endpoints' `labels` parameter: written from the menus when a button is clicked,
             # so that API clients send one dict however many menus the page shows.
             labels = gr.JSON(None, label="labels", visible=False)
             with gr.Tabs():
                 with gr.Tab("Generate"):
-                    seconds = Number(
+                    seconds = gr.Number(
                         1.0,
                         label="seconds per clip",
                         minimum=0,
@@ -595,13 +593,13 @@ class WebUI:
                         label="prompt (.wav .flac .ogg .mp3, or record)",
                     )
                     with gr.Row():
-                        keep_seconds = Number(
+                        keep_seconds = gr.Number(
                             1.0,
                             label="seconds of the prompt to keep",
                             minimum=0,
                             info="from its start",
                         )
-                        add_seconds = Number(
+                        add_seconds = gr.Number(
                             1.0,
                             label="seconds to add",
                             minimum=0,
@@ -643,6 +641,10 @@ class WebUI:
                         )
                         gr.Image(clip["png"], show_label=False, type="filepath", scale=2)
 
+            for component in (picker, clips, temperature, top_p, seed, guidance, seconds):
+                refuse_bad_values(component)
+            refuse_bad_values(keep_seconds)
+            refuse_bad_values(add_seconds)
             outputs = [files, ranking, seed, status, live, results]
             sampling = [temperature, top_p, seed, random_seed]
             guiding = [labels, guidance]
@@ -680,6 +682,8 @@ class WebUI:
                 api_visibility="private",
             )
             picker.change(self.models.card, picker, card, api_visibility="private")
-            picker.change(self.label_controls, picker, [*menus, guidance], api_visibility="private")
+            picker.change(
+                self.label_controls, picker, [*menus, guidance_column], api_visibility="private"
+            )
             demo.load(self.models.card, picker, card, api_visibility="private")
         return demo

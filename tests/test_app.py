@@ -380,8 +380,10 @@ def test_unlabelled_checkpoint_shows_no_label_controls(server):
     dropdowns = [c["props"] for c in config["components"] if c["type"] == "dropdown"]
     menus = [props for props in dropdowns if props["label"] != "model"]
     assert len(menus) == MAX_LABEL_FIELDS and not any(props["visible"] for props in menus)
-    (slider,) = [c["props"] for c in config["components"] if c["props"].get("label") == "guidance"]
-    assert slider["visible"] is False
+    (column,) = [
+        c["props"] for c in config["components"] if c["props"].get("elem_id") == "guidance"
+    ]
+    assert column["visible"] is False  # the guidance slider's
 
 
 def call_over_http(server: str, endpoint: str, body: str) -> str:
