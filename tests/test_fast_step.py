@@ -1,0 +1,187 @@
+"""The fused CPU step (sashimi/fast_step.py) against the reference: the functional SaShiMi.step,
+generate's Sampler and GuidedStep, over long runs, both kernels, several tiers and batches."""
+
+import dataclasses
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+from sashimi import SaShiMi, SaShiMiConfig
+from sashimi.fast_step import FusedStep
+from sashimi.generate import GREEDY_TEMPERATURE, GuidedStep, Sampler
+from sashimi.labels import UNKNOWN
+
+CPU = torch.device("cpu")
+DPLR = {"kernel": "dplr", "disc": "bilinear"}
+STEPS = 4096
+
+
+def small_model(seed: int = 0, **changes) -> SaShiMi:
+    """The tiny preset made smaller still (the reference steps 4,096 times in each test)."""
+    torch.manual_seed(seed)
+    config = SaShiMiConfig.preset("tiny")
+    config = dataclasses.replace(config, d_model=8, n_layers=1, d_state=8, **changes)
+    return SaShiMi(config).eval()
+
+
+def labelled_model(seed: int = 0, **changes) -> SaShiMi:
+    """A small model with two label fields, its label projections random (they start at zero)."""
+    labels = {"digit": {"0": 5, "1": 4, "2": 3}, "speaker": {"ann": 6, "bob": 6}}
+    model = small_model(seed, labels=labels, **changes)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if "label_projections" in name:
+                parameter.normal_(0, 0.5)
+    return model
+
+
+def primed(model: SaShiMi, batch: int, prompt: int = 37, labels: torch.Tensor | None = None):
+    """The state after a prompt read by model.prime. 37 is not a multiple of any tier's pooling,
+    so pooling groups are part full and the tiers are out of phase."""
+    torch.manual_seed(1)
+    tokens = torch.randint(0, model.config.n_classes, (1, prompt))
+    if labels is None:
+        return model.prime(tokens)[1].for_batch(batch)
+    return model.prime(tokens.expand(labels.shape[0], -1), labels)[1]
+
+
+CASES = {  # kernel, pooling (tiers = pools + 1), batch
+    "diagonal-3-tiers-batch-1": ({}, (4, 4), 1),
+    "diagonal-4-tiers-batch-3": ({}, (2, 3, 2), 3),
+    "dplr-3-tiers-batch-3": (DPLR, (4, 4), 3),
+    "dplr-2-tiers-batch-1": (DPLR, (3,), 1),
+}
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_fused_step_matches_the_functional_step(case):
+    kernel, pool, batch = CASES[case]
+    model = small_model(pool=pool, **kernel)
+    tokens = torch.randint(0, model.config.n_classes, (batch, STEPS))
+    worst = 0.0
+    with torch.no_grad():
+        state = primed(model, batch)
+        fused = FusedStep(model, state, batch)
+        for t in range(STEPS):
+            expected, state = model.step(tokens[:, t], state)
+            worst = max(worst, (fused(tokens[:, t]) - expected).abs().max().item())
+    # float32 arithmetic summed in another order (and erf by a 2e-6 approximation) in both
+    # paths; the SSM state forgets old round-off (|A_bar| < 1), so the gap does not grow with t
+    assert worst <= 1e-4
+
+
+def test_fused_step_carries_label_biases_and_guides_as_generate_does():
+    model = labelled_model(pool=(2, 2))
+    batch, guidance = 2, 3.0
+    given = torch.tensor([[1, 2], [3, UNKNOWN]])
+    rows = torch.cat([given, torch.full_like(given, UNKNOWN)])  # given, then all unknown
+    tokens = torch.randint(0, model.config.n_classes, (batch, 1024))
+    worst = 0.0
+    with torch.no_grad():
+        state = primed(model, batch, labels=rows)
+        reference = GuidedStep(model, state, batch, guidance)  # steps the state in place
+        fused = FusedStep(model, state, batch, guidance)
+        assert fused.guided
+        for t in range(tokens.shape[1]):
+            expected = reference(tokens[:, t])
+            worst = max(worst, (fused(tokens[:, t]) - expected).abs().max().item())
+    # the tolerance of the functional-step test, times the guidance weight that scales the gap
+    assert worst <= 1e-4 * guidance
+
+
+def test_label_biases_change_the_fused_logits():
+    """The agreement above is no accident of zero biases: other labels give other logits."""
+    model = labelled_model()
+    token = torch.tensor([3])
+    with torch.no_grad():
+        logits = [
+            FusedStep(model, model.initial_state(1, torch.tensor([labels])), 1)(token)
+            for labels in ([1, 1], [2, 1])
+        ]
+    assert (logits[0] - logits[1]).abs().max() > 1e-3
+
+
+SAMPLING = {
+    "plain": dict(temperature=1.0),
+    "tempered-top-k": dict(temperature=0.8, top_k=20),
+    "top-p": dict(temperature=1.2, top_p=0.9),
+    "greedy": dict(temperature=0.0),
+}
+
+
+def sample_with_torch(model, state, batch, sampler, start, periods, period):
+    """Generator's loop with its torch step: a step on the start token, then draw, step, repeat."""
+    step = GuidedStep(model, state, batch, 1.0)  # advances state in place
+    logits = step(start)
+    out = torch.empty(batch, periods * period, dtype=torch.long)
+    for p in range(periods):
+        sampler.draw_noise(period)
+        for j in range(period):
+            token = sampler(logits, j)
+            out[:, p * period + j] = token
+            logits = step(token)
+    return out
+
+
+@pytest.mark.parametrize("sampling", SAMPLING)
+def test_fused_sampling_draws_the_engines_tokens_for_the_same_seed(sampling):
+    model = small_model(pool=(4, 4))
+    batch, period, periods = 3, model.config.total_pool, 64
+    kwargs = SAMPLING[sampling]
+
+    def sampler():
+        return Sampler(batch, model.config.n_classes, period, CPU, seed=5, **kwargs)
+
+    with torch.no_grad():
+        state = primed(model, batch)
+        fused = FusedStep(model, state, batch)  # a copy of the state, before torch steps it
+        start = torch.full((batch,), model.start_token)
+        expected = sample_with_torch(model, state, batch, sampler(), start, periods, period)
+        logits = fused(start)
+        draws, got = sampler(), torch.empty(batch, periods * period, dtype=torch.long)
+        for p in range(periods):
+            draws.draw_noise(period)
+            logits = fused.run(period, logits, draws, got[:, p * period : (p + 1) * period])
+    if kwargs["temperature"] > GREEDY_TEMPERATURE:
+        assert len(got.unique()) > 20  # a real draw, not a constant run
+    # Identical: the logits agree to ~1e-6, far inside the gaps between Gumbel-max scores at
+    # this length; round-off could flip a near-tie, which these seeds do not have.
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
+
+
+def test_compiles_without_a_writable_cache(tmp_path):
+    """Where numba has no folder to cache in, functions still compile (in-process), with a
+    warning. As root a read-only folder is still writable, so the cache paths are made to run
+    through a file, which no one can create folders in."""
+    module = tmp_path / "module"
+    module.mkdir()
+    (module / "__pycache__").write_text("a file where numba wants a folder")
+    (module / "uncached.py").write_text(
+        textwrap.dedent(
+            """
+            from sashimi.fast_step import _compiled
+
+            @_compiled
+            def twice(x):
+                return 2 * x
+            """
+        )
+    )
+    script = "import uncached; print(uncached.twice(21))"
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(module), str(Path(__file__).parents[1])]),
+        "XDG_CACHE_HOME": "/dev/null",  # numba's user-wide cache: ~/.cache or this
+        "HOME": "/dev/null",
+    }
+    env.pop("NUMBA_CACHE_DIR", None)
+    result = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, env=env, check=True
+    )
+    assert result.stdout.strip() == "42"
+    assert "numba cannot cache" in result.stderr
