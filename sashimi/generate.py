@@ -29,7 +29,7 @@ import logging
 import math
 import sys
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -66,27 +66,44 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
     return device
 
 
+def per_clip(value, batch_size: int, name: str) -> list:
+    """`value` for each of batch_size clips: one value for all, or a sequence of one per clip."""
+    if not isinstance(value, Sequence) or isinstance(value, str):
+        return [value] * batch_size
+    if len(value) != batch_size:
+        raise ValueError(f"{name} has {len(value)} values for {batch_size} clips")
+    return list(value)
+
+
+def clip_seeds(seed: int | Sequence[int], batch_size: int) -> list[int]:
+    """The seed of each clip: seed + r for clip r of a batch, or one given per clip."""
+    if isinstance(seed, Sequence):
+        return per_clip(seed, batch_size, "seed")
+    return [seed + r for r in range(batch_size)]
+
+
 def check_sampling(
     num_samples: int,
     *,
     batch_size: int = 1,
-    temperature: float = 1.0,
-    top_p: float = 1.0,
+    temperature: float | Sequence[float] = 1.0,
+    top_p: float | Sequence[float] = 1.0,
     top_k: int = 0,
     chunk_size: int | None = None,
     guidance: float = 1.0,
 ) -> None:
-    """Raise ValueError, naming the value and the accepted range, for unusable arguments."""
+    """Raise ValueError, naming the value and the accepted range, for unusable arguments.
+    temperature and top_p: one value for all clips, or one per clip."""
     if num_samples < 0:
         raise ValueError(f"num_samples must be 0 or more, got {num_samples}")
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
-    if not temperature >= 0 or math.isinf(temperature):  # also rejects NaN
-        raise ValueError(
-            f"temperature must be a finite number >= 0 (0 = greedy), got {temperature}"
-        )
-    if not 0 < top_p <= 1:
-        raise ValueError(f"top_p must be in (0, 1] (1 = off), got {top_p}")
+    for t in per_clip(temperature, batch_size, "temperature"):
+        if not t >= 0 or math.isinf(t):  # also rejects NaN
+            raise ValueError(f"temperature must be a finite number >= 0 (0 = greedy), got {t}")
+    for p in per_clip(top_p, batch_size, "top_p"):
+        if not 0 < p <= 1:
+            raise ValueError(f"top_p must be in (0, 1] (1 = off), got {p}")
     if top_k < 0:
         raise ValueError(f"top_k must be 0 (off) or a positive number of classes, got {top_k}")
     if chunk_size is not None and chunk_size < 1:
@@ -103,6 +120,10 @@ class Sampler:
 
     Noise comes in blocks from `draw_noise(k)`, one torch.Generator per clip; __call__(logits, j)
     uses block column j. Greedy (temperature <= GREEDY_TEMPERATURE) takes the argmax and no noise.
+
+    seed, temperature and top_p are one value for the batch or one per clip (the web UI samples
+    requests that arrive together as one batch). One value is kept as a Python float; values
+    that differ are a column (batch, 1) that broadcasts over the classes.
     """
 
     def __init__(
@@ -111,16 +132,26 @@ class Sampler:
         n_classes: int,
         block: int,
         device: torch.device,
-        seed: int,
-        temperature: float = 1.0,
+        seed: int | Sequence[int],
+        temperature: float | Sequence[float] = 1.0,
         top_k: int = 0,
-        top_p: float = 1.0,
+        top_p: float | Sequence[float] = 1.0,
     ):
-        self.greedy = temperature <= GREEDY_TEMPERATURE
-        self.inverse_temperature = 1.0 / max(temperature, GREEDY_TEMPERATURE)
+        temperatures = per_clip(temperature, batch, "temperature")
+        top_ps = per_clip(top_p, batch, "top_p")
+        greedy = [t <= GREEDY_TEMPERATURE for t in temperatures]
+        self.greedy = all(greedy)
+        # greedy clips in a batch that samples the others take the argmax, row by row
+        self.greedy_rows = (
+            torch.tensor(greedy, device=device) if any(greedy) != self.greedy else None
+        )
+        inverse = [1.0 / max(t, GREEDY_TEMPERATURE) for t in temperatures]
+        self.inverse_temperature = _float_or_column(inverse, device)
         self.top_k = top_k if 0 < top_k < n_classes else 0  # k >= n_classes keeps every class
-        self.top_p = top_p
-        self.generators = [torch.Generator(device).manual_seed(seed + r) for r in range(batch)]
+        self.nucleus = min(top_ps) < 1
+        # top_p = 1 as inf: the mass before a class, 1 give or take round-off, never reaches it
+        self.top_p = _float_or_column([p if p < 1 else math.inf for p in top_ps], device)
+        self.generators = [torch.Generator(device).manual_seed(s) for s in clip_seeds(seed, batch)]
         self.noise = torch.empty(batch, block, n_classes, device=device)  # Gumbel noise g
 
     def draw_noise(self, k: int) -> None:
@@ -139,10 +170,16 @@ class Sampler:
         if self.top_k:
             kth_largest = logits.topk(self.top_k, dim=-1).values[:, -1:]
             logits = logits.masked_fill(logits < kth_largest, -math.inf)
-        if self.top_p < 1:
+        if self.nucleus:
             logits = self._nucleus(logits)
-        # g + logits / T in one op: the scale is a Python float, so no tensor is made for it
-        return torch.add(self.noise[:, j], logits, alpha=self.inverse_temperature).argmax(-1)
+        if isinstance(self.inverse_temperature, float):
+            # g + logits / T in one op: the scale is a Python float, so no tensor is made for it
+            drawn = torch.add(self.noise[:, j], logits, alpha=self.inverse_temperature)
+        else:
+            drawn = torch.addcmul(self.noise[:, j], logits, self.inverse_temperature)
+        if self.greedy_rows is None:
+            return drawn.argmax(-1)
+        return torch.where(self.greedy_rows, logits.argmax(-1), drawn.argmax(-1))
 
     def _nucleus(self, logits: Tensor) -> Tensor:
         """Keep the most likely classes until their probability reaches top_p (the first always)."""
@@ -151,6 +188,13 @@ class Sampler:
         mass_before = probs.cumsum(-1) - probs
         ordered = ordered.masked_fill(mass_before >= self.top_p, -math.inf)
         return torch.empty_like(logits).scatter_(-1, order, ordered)
+
+
+def _float_or_column(values: list[float], device: torch.device) -> float | Tensor:
+    """One value for every clip as a float, else a column (batch, 1) on the device."""
+    if len(set(values)) == 1:
+        return values[0]
+    return torch.tensor(values, device=device)[:, None]
 
 
 class _CpuStepSettings:
@@ -302,10 +346,10 @@ class Generator:
         num_samples: int,
         *,
         batch_size: int = 1,
-        temperature: float = 1.0,
-        top_p: float = 1.0,
+        temperature: float | Sequence[float] = 1.0,
+        top_p: float | Sequence[float] = 1.0,
         top_k: int = 0,
-        seed: int = 0,
+        seed: int | Sequence[int] = 0,
         prompt: np.ndarray | None = None,
         chunk_size: int | None = None,
         show_progress: bool = True,
@@ -320,6 +364,7 @@ class Generator:
         each chunk. Memory stays constant however many samples are asked for. labels: for a
         labelled checkpoint, one dict for all clips or one per clip, e.g. {"digit": "7"}; fields
         left out are unknown. guidance: the weight w of classifier-free guidance (1 = none).
+        seed (clip r: seed + r), temperature and top_p: one value for all, or one per clip.
         """
         check_sampling(
             num_samples,

@@ -70,6 +70,24 @@ def test_same_seed_same_audio_and_different_seeds_differ(generator):
     np.testing.assert_array_equal(first[1], other[0])
 
 
+def test_each_clip_keeps_its_own_seed_temperature_and_top_p(generator):
+    """Requests the web UI samples together: clip r of a batch with its own settings is the clip
+    those settings give alone (a greedy clip among sampled ones included)."""
+    seeds, temperatures, top_ps = [11, 5, 30], [1.0, 0.0, 0.7], [0.9, 1.0, 1.0]
+    together = generator.generate(
+        300, batch_size=3, seed=seeds, temperature=temperatures, top_p=top_ps, show_progress=False
+    )
+    for r, settings in enumerate(zip(seeds, temperatures, top_ps, strict=True)):
+        seed, temperature, top_p = settings
+        alone = generator.generate(
+            300, seed=seed, temperature=temperature, top_p=top_p, show_progress=False
+        )
+        np.testing.assert_array_equal(together[r], alone[0])
+    assert len({together[r].tobytes() for r in range(3)}) == 3
+    with pytest.raises(ValueError, match="seed has 2 values for 3 clips"):
+        generator.generate(10, batch_size=3, seed=[1, 2], show_progress=False)
+
+
 def test_chunking_does_not_change_the_audio(generator):
     whole = generator.generate(300, seed=3, show_progress=False)
     chunks = list(generator.stream(300, seed=3, chunk_size=7, show_progress=False))
@@ -241,6 +259,8 @@ def test_log_likelihood_matches_stepping(generator):
         (dict(chunk_size=0), "chunk_size must be at least 1"),
         (dict(guidance=-1.0), r"guidance must be in \[0, 20\]"),
         (dict(guidance=math.nan), r"guidance must be in \[0, 20\]"),
+        (dict(batch_size=2, temperature=[1.0, math.nan]), "temperature must be"),
+        (dict(batch_size=2, top_p=[0.9, 1.0, 1.0]), "top_p has 3 values for 2 clips"),
     ],
 )
 def test_bad_sampling_arguments_are_refused(generator, kwargs, message):
