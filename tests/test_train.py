@@ -16,11 +16,12 @@ import pytest
 import soundfile as sf
 import torch
 
-from sashimi.checkpoint import load_checkpoint
+from sashimi.checkpoint import DiskFullError, load_checkpoint
 from sashimi.model import SaShiMi, SaShiMiConfig
 from train.__main__ import build_parser, main, resolve
 from train.loop import (
     TrainConfig,
+    append_metrics,
     lr_factor,
     make_optimizer,
     read_trainer_state,
@@ -220,6 +221,19 @@ def test_a_save_killed_between_its_two_renames_is_recovered(tmp_path):
     replace_folder(last, lambda tmp: (tmp.mkdir(), (tmp / "step").write_text("3")))
     assert (last / "step").read_text() == "3"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["last"]
+
+
+def test_a_metrics_row_that_does_not_fit_leaves_the_rows_before(tmp_path, small_disk):
+    run = small_disk("1m")
+    row = {"step": 10, "train_bits": 7.5, "valid_bits": "", "lr": 1e-3, "samples_per_s": 1.0}
+    append_metrics(run, {**row, "elapsed_s": 1.0})
+    before = (run / "metrics.csv").read_bytes()
+    with open(run / "filler", "wb", buffering=0) as filler, pytest.raises(OSError):
+        while True:  # until the disk is full
+            filler.write(bytes(4096))
+    with pytest.raises(DiskFullError, match=f"no space left to save {run}/metrics.csv: it needs"):
+        append_metrics(run, {**row, "step": 20, "elapsed_s": 2.0})
+    assert (run / "metrics.csv").read_bytes() == before
 
 
 def test_torchrun_two_processes_hold_equal_weights(audio_folder, tmp_path):
