@@ -3,7 +3,7 @@
 The page and its handlers live in sashimi/webui.py; this file turns flags into limits and
 launches the server with Gradio's defaults set on purpose: no usage analytics, no share link
 unless --share, uploads capped at --max-upload-mb, and a queue in which at most --concurrency
-requests sample at once while the others wait.
+requests sample at once (those that arrive together as one batch) while the others wait.
 """
 
 import argparse
@@ -78,7 +78,8 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="N",
         type=int,
         default=defaults.concurrency,
-        help="requests sampled at once; later ones wait in the queue",
+        help="requests sampled at once, those that arrive together as one batch; later ones "
+        "wait in the queue",
     )
     return parser
 

@@ -13,6 +13,8 @@ A Gradio 6 page over `sashimi.generate.Generator` (it never reaches into the mod
     then every clip as a player with download and its waveform + spectrogram, ranked by the
     model's own likelihood of it (bits per sample, lower = more likely), as the reference's
     generate script ranks a batch.
+Requests that arrive together are sampled as one batch (sashimi/batching.py), each with its own
+seeds, settings, labels and length: a batch costs little more than one clip.
 Both buttons are named API endpoints, /generate and /continue, callable with gradio_client; their
 optional `labels` ({"digit": "7"}, or its JSON text) and `guidance` take the menus' place.
 Every request is checked against `Limits` (set from app.py's flags) and answered with a gr.Error
@@ -38,6 +40,7 @@ import soundfile as sf
 import torch
 
 from .audio import load_audio, write_wav
+from .batching import Batcher, Request
 from .checkpoint import CHECKPOINTS_DIR, DEFAULT_CHECKPOINT, list_checkpoints, read_config
 from .generate import DEFAULT_GUIDANCE, Generator, check_sampling
 from .labels import Labels, Vocabulary, labels_slug
@@ -63,7 +66,7 @@ class Limits:
     max_seconds: float = 10.0  # per clip, generated (and, for Continue, kept from the prompt)
     max_clips: int = 4  # clips sampled together in one batch
     max_upload_mb: float = 20.0  # prompt file size
-    concurrency: int = 1  # requests sampled at once; the rest wait in the queue
+    concurrency: int = 8  # requests sampled at once, as one batch; the rest wait in the queue
 
     def __post_init__(self):
         for name in ("max_seconds", "max_clips", "max_upload_mb", "concurrency"):
@@ -147,11 +150,13 @@ def find_checkpoints(extra: list[Path]) -> list[Path]:
 
 
 class Models:
-    """Generators loaded on first use and kept, one per checkpoint folder."""
+    """Generators loaded on first use and kept, one per checkpoint folder, each with the Batcher
+    that samples the requests for it (those that arrive together as one batch)."""
 
     def __init__(self, device: str | torch.device = "auto"):
         self.device = device
         self._generators: dict[str, Generator] = {}
+        self._batchers: dict[str, Batcher] = {}
         self._lock = threading.Lock()  # two first requests for a model load its weights once
 
     def get(self, checkpoint: str | None) -> Generator:
@@ -166,7 +171,12 @@ class Models:
                     )
                 except (FileNotFoundError, ValueError) as error:
                     raise refused(str(error)) from error
+                self._batchers[checkpoint] = Batcher(self._generators[checkpoint])
             return self._generators[checkpoint]
+
+    def batcher(self, checkpoint: str | None) -> Batcher:
+        self.get(checkpoint)
+        return self._batchers[checkpoint]
 
     def card(self, checkpoint: str | None) -> str:
         """Markdown facts about a checkpoint, or why it cannot be loaded."""
@@ -375,7 +385,7 @@ class WebUI:
         clips = self._check_clips(clips)
         seed = self._pick_seed(seed, random_seed)
         yield from self._sample(
-            generator,
+            self.models.batcher(checkpoint),
             seconds,
             seed,
             self._clip_labels(generator, labels, seed, clips),
@@ -415,7 +425,7 @@ class WebUI:
             raise refused(str(error).replace(str(prompt), Path(prompt).name)) from error
         audio = audio[: max(1, round(keep_seconds * generator.sample_rate))]
         yield from self._sample(
-            generator,
+            self.models.batcher(checkpoint),
             add_seconds,
             seed,
             clip_labels,
@@ -424,12 +434,14 @@ class WebUI:
             what=f"continue_keep{len(audio) / generator.sample_rate:g}s_add{add_seconds:g}s",
         )
 
-    def _sample(self, generator, seconds, seed, labels, sampling, prompt, what):
-        """Sample one clip per entry of `labels` (clip i seeded seed + i), yielding live audio of
-        clip 1, then the ranked clips. Files are named after `what` and the sampling settings.
+    def _sample(self, batcher, seconds, seed, labels, sampling, prompt, what):
+        """Sample one clip per entry of `labels` (clip i seeded seed + i), with the requests that
+        arrive at the same time (see sashimi/batching.py), yielding live audio of clip 1, then
+        the ranked clips. Files are named after `what` and the sampling settings.
 
         Yields tuples for the outputs (files, ranking, seed, status, live player, results).
         """
+        generator = batcher.generator
         rate, clips = generator.sample_rate, len(labels)
         num_samples = round(seconds * rate)
         if not any(labels):  # nothing to guide towards: one stream instead of two equal ones
@@ -448,25 +460,24 @@ class WebUI:
 
         chunks, done, first_audio = [], 0, None
         started = time.perf_counter()
-        for chunk in generator.stream(
-            num_samples,
-            batch_size=clips,
-            seed=seed,
-            prompt=prompt,
-            show_progress=False,
-            labels=labels,
-            **sampling,
-        ):
-            chunks.append(chunk)  # (clips, n)
-            done += chunk.shape[1]
-            first_audio = first_audio or time.perf_counter() - started
-            speed = done / rate / (time.perf_counter() - started)
-            status = (
-                f'<progress value="{done}" max="{num_samples}"></progress> sampled '
-                f"{done / rate:.2f} of {seconds:g} s of audio, {speed:.2f}× real time"
-            )
-            live = wav_bytes(chunk[0], rate) if self.live_playback else gr.skip()
-            yield gr.skip(), gr.skip(), gr.skip(), status, live, gr.skip()
+        seeds = list(range(seed, seed + clips))
+        ticket = batcher.submit(
+            Request(num_samples, seeds, labels=labels, prompt=prompt, **sampling)
+        )
+        try:
+            for chunk in ticket:
+                chunks.append(chunk)  # (clips, n)
+                done += chunk.shape[1]
+                first_audio = first_audio or time.perf_counter() - started
+                speed = done / rate / (time.perf_counter() - started)
+                status = (
+                    f'<progress value="{done}" max="{num_samples}"></progress> sampled '
+                    f"{done / rate:.2f} of {seconds:g} s of audio, {speed:.2f}× real time"
+                )
+                live = wav_bytes(chunk[0], rate) if self.live_playback else gr.skip()
+                yield gr.skip(), gr.skip(), gr.skip(), status, live, gr.skip()
+        finally:  # done, or Stop: the batch samples no more for this request
+            ticket.cancel()
         wall = time.perf_counter() - started
 
         audio = np.concatenate(chunks, axis=1)
@@ -478,10 +489,12 @@ class WebUI:
         )
         speed = clips * seconds / wall
         guided = f" · guidance {sampling['guidance']:g}" if any(labels) else ""
+        others = ticket.requests - 1
+        shared = f" · batched with {others} other request{'s' * (others > 1)}" if others else ""
         status = (
             f"{clips} clip{'s' * (clips > 1)} × {seconds:g} s sampled in {wall:.1f} s "
             f"({speed:.2f}× real time, first audio after {first_audio:.2f} s) · seed {seed}"
-            f"{guided} · {generator.device}"
+            f"{guided}{shared} · {generator.device}"
         )
         yield files, ranking, seed, status, gr.skip(), results
 

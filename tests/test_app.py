@@ -72,7 +72,7 @@ def app_server(tiny_checkpoint, tiny_labelled_checkpoint, missing_checkpoint, tm
         "--max-upload-mb",
         "1",
         "--concurrency",
-        "2",
+        "4",
     ]
     with open(log, "w") as out:
         # started elsewhere than the repository: nothing may depend on the working directory
@@ -238,23 +238,45 @@ def test_missing_checkpoint_is_reported(client, missing_checkpoint):
         generate(client, None)
 
 
-def test_two_concurrent_requests_both_complete(client, tiny_checkpoint):
+def test_simultaneous_requests_each_keep_their_own_settings(client, tiny_labelled_checkpoint):
+    """Requests that arrive together are sampled as one batch (when they reach the server within
+    its window): each still gets the clip its own seed, temperature, top-p, length and labels
+    give alone."""
+    asked = [  # seed, temperature, top_p, seconds, labels
+        (1, 1.0, 0.95, 0.05, {"digit": "7"}),
+        (2, 0.7, 1.0, 0.1, {"digit": "0", "speaker": "bob"}),
+        (3, 0.0, 1.0, 0.075, {}),
+    ]
     jobs = [
         client.submit(
-            str(tiny_checkpoint),
+            str(tiny_labelled_checkpoint),
             1,
-            0.25,
-            SAMPLING["temperature"],
-            SAMPLING["top_p"],
+            seconds,
+            temperature,
+            top_p,
             seed,
             False,
+            labels=labels,
+            guidance=2.0,
             api_name="/generate",
         )
-        for seed in (1, 2)
+        for seed, temperature, top_p, seconds, labels in asked
     ]
-    results = [job.result(timeout=120) for job in jobs]
-    assert [r[2] for r in results] == [1, 2]
-    assert all(len(read_clips(r[0])[0]) == round(0.25 * RATE) for r in results)
+    results = [job.result(timeout=300) for job in jobs]
+    generator = Generator.from_checkpoint(tiny_labelled_checkpoint, device="cpu")
+    for (seed, temperature, top_p, seconds, labels), result in zip(asked, results, strict=True):
+        (clip,) = read_clips(result[0])
+        expected = generator.generate(
+            round(seconds * RATE),
+            seed=seed,
+            temperature=temperature,
+            top_p=top_p,
+            labels=labels,
+            guidance=2.0,
+            show_progress=False,
+        )[0]
+        np.testing.assert_allclose(clip, expected, atol=PCM16)
+        assert result[2] == seed
 
 
 # --- labels and guidance (the labelled checkpoint: digit 0, 1, 7 and speaker ann, bob) --------------

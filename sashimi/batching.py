@@ -1,0 +1,152 @@
+"""Requests that arrive together, sampled together: how one server answers many listeners at once.
+
+A recurrent step of SaShiMi is a few hundred small operations whose cost is mostly dispatch, so a
+batch of eight clips costs little more than one (benchmarks/bench_serving.py measures it through
+the web UI). Requests sampled one after another leave that on the table: eight people clicking at
+once waited 7, 13, 20, ... 51 s (issue 12). So a `Batcher` over one generator queues requests,
+and every request that can share a batch with the oldest waiting one becomes rows of one
+Generator.stream:
+
+    ticket = batcher.submit(Request(num_samples, seeds=[7], temperature=1.0, top_p=0.95))
+    for chunk in ticket: ...        # float32 (clips, n), this request's rows only, as sampled
+
+Each request keeps its own seeds, temperature, top-p, labels and length (rows stop being sent
+once it has its samples, and the batch stops when no request still wants any). Requests that
+share a batch need the same guidance weight (one weight per guided step) and no prompt (a prompt
+primes its own state); others wait for a later batch. The first request to find the batcher idle
+waits WINDOW_S for company; requests that arrive while a batch runs make up the next one.
+"""
+
+import queue
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .generate import Generator
+from .labels import Labels
+
+WINDOW_S = 0.1  # how long the oldest request waits for others: simultaneous clicks arrive within it
+_END = object()  # a ticket's last item
+
+
+@dataclass(frozen=True)
+class Request:
+    """What one listener asked for: len(seeds) clips of num_samples samples."""
+
+    num_samples: int
+    seeds: list[int]  # one per clip
+    temperature: float = 1.0
+    top_p: float = 1.0
+    labels: list[Labels] | None = None  # one per clip ({}: every field unknown); None: all {}
+    guidance: float = 1.0
+    prompt: np.ndarray | None = field(default=None, compare=False)  # sampled in a batch alone
+
+    @property
+    def clips(self) -> int:
+        return len(self.seeds)
+
+    def shares_a_batch_with(self, other: "Request") -> bool:
+        return self.prompt is None and other.prompt is None and self.guidance == other.guidance
+
+
+class Ticket:
+    """A submitted request: iterating gives its audio chunk by chunk (and raises what the batch
+    raised); `requests` and `clips` say what its batch held, once the batch has started."""
+
+    def __init__(self, request: Request):
+        self.request = request
+        self.arrived = time.monotonic()
+        self.requests = self.clips = 0
+        self.cancelled = False
+        self._items: queue.Queue = queue.Queue()
+
+    def __iter__(self) -> Iterator[np.ndarray]:
+        while (item := self._items.get()) is not _END:
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+
+    def cancel(self) -> None:
+        """Stop waiting (a listener pressed Stop or left): the batch no longer samples for it."""
+        self.cancelled = True
+
+
+class Batcher:
+    """Samples the requests submitted to one generator, those that arrive together as one batch,
+    on a thread of its own that runs while there are requests and ends when there are none."""
+
+    def __init__(self, generator: Generator, window_s: float = WINDOW_S):
+        self.generator = generator
+        self.window_s = window_s
+        self._waiting: list[Ticket] = []
+        self._lock = threading.Lock()
+        self._worker: threading.Thread | None = None
+
+    def submit(self, request: Request) -> Ticket:
+        ticket = Ticket(request)
+        with self._lock:
+            self._waiting.append(ticket)
+            if self._worker is None:
+                self._worker = threading.Thread(target=self._work, name="sashimi-batcher")
+                self._worker.start()
+        return ticket
+
+    def _work(self) -> None:
+        while True:
+            with self._lock:
+                self._waiting = [t for t in self._waiting if not t.cancelled]
+                if not self._waiting:
+                    self._worker = None
+                    return
+                wait = self._waiting[0].arrived + self.window_s - time.monotonic()
+                if wait <= 0:
+                    oldest = self._waiting[0]
+                    batch = [
+                        t for t in self._waiting if t.request.shares_a_batch_with(oldest.request)
+                    ] or [oldest]  # a request with a prompt, alone
+                    self._waiting = [t for t in self._waiting if t not in batch]
+            if wait > 0:
+                time.sleep(wait)
+            else:
+                self._sample(batch)
+
+    def _sample(self, batch: list[Ticket]) -> None:
+        """One Generator.stream over the rows of every request in `batch`, each request's rows
+        sent to its ticket until it has its samples."""
+        requests = [t.request for t in batch]
+        seeds = [seed for r in requests for seed in r.seeds]
+        for ticket in batch:
+            ticket.requests, ticket.clips = len(batch), len(seeds)
+        try:
+            stream = self.generator.stream(
+                max(r.num_samples for r in requests),
+                batch_size=len(seeds),
+                seed=seeds,
+                temperature=[r.temperature for r in requests for _ in r.seeds],
+                top_p=[r.top_p for r in requests for _ in r.seeds],
+                labels=[clip for r in requests for clip in r.labels or [{}] * r.clips],
+                guidance=requests[0].guidance,
+                prompt=requests[0].prompt,
+                show_progress=False,
+            )
+            done = 0
+            for chunk in stream:  # (clips of the batch, n)
+                first_row = 0
+                for ticket in batch:
+                    rows = slice(first_row, first_row + ticket.request.clips)
+                    first_row = rows.stop
+                    wanted = ticket.request.num_samples - done
+                    if wanted > 0 and not ticket.cancelled:
+                        ticket._items.put(chunk[rows, :wanted])
+                done += chunk.shape[1]
+                if all(t.cancelled or t.request.num_samples <= done for t in batch):
+                    stream.close()  # nobody wants more: stop sampling
+                    break
+        except Exception as error:  # the listeners see it, as they would sampling alone
+            for ticket in batch:
+                ticket._items.put(error)
+        for ticket in batch:
+            ticket._items.put(_END)

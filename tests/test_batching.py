@@ -1,0 +1,90 @@
+"""Requests sampled together: each gets what it would have got alone, however it was batched."""
+
+import numpy as np
+import pytest
+import torch
+
+from sashimi import SaShiMi, SaShiMiConfig
+from sashimi.batching import Batcher, Request
+from sashimi.generate import Generator
+
+WINDOW_S = 1.0  # far longer than submitting a few requests takes: they are one batch
+
+
+@pytest.fixture(scope="module")
+def generator(tiny_labelled_checkpoint) -> Generator:
+    return Generator.from_checkpoint(tiny_labelled_checkpoint, device="cpu")
+
+
+def alone(generator: Generator, request: Request) -> np.ndarray:
+    """The request sampled by itself, as Generator.generate does it."""
+    return generator.generate(
+        request.num_samples,
+        batch_size=request.clips,
+        seed=request.seeds,
+        temperature=request.temperature,
+        top_p=request.top_p,
+        labels=request.labels,
+        guidance=request.guidance,
+        prompt=request.prompt,
+        show_progress=False,
+    )
+
+
+def received(ticket) -> np.ndarray:
+    return np.concatenate(list(ticket), axis=1)
+
+
+def test_requests_that_arrive_together_are_one_batch_each_with_its_own_settings(generator):
+    requests = [
+        Request(300, [3, 4], 1.0, 0.9, [{"digit": "7"}, {"digit": "0"}], guidance=2.0),
+        Request(150, [9], 0.0, 1.0, [{}], guidance=2.0),  # greedy and shorter
+        Request(250, [3], 0.8, 1.0, [{"speaker": "bob"}], guidance=2.0),  # a seed used above
+    ]
+    batcher = Batcher(generator, window_s=WINDOW_S)
+    tickets = [batcher.submit(request) for request in requests]
+    audio = [received(ticket) for ticket in tickets]
+    assert [(t.requests, t.clips) for t in tickets] == [(3, 4)] * 3
+    for request, clips in zip(requests, audio, strict=True):
+        assert clips.shape == (request.clips, request.num_samples)
+        np.testing.assert_array_equal(clips, alone(generator, request))
+    assert not np.array_equal(audio[0][0, :250], audio[2][0])  # seed 3 twice, other settings
+
+
+def test_another_guidance_or_a_prompt_is_sampled_in_its_own_batch(generator):
+    prompt = 0.3 * np.sin(np.arange(200) / 5).astype(np.float32)
+    requests = [
+        Request(200, [1], labels=[{"digit": "1"}], guidance=2.0),
+        Request(200, [2], labels=[{"digit": "1"}], guidance=3.0),
+        Request(200, [3], labels=[{"digit": "1"}], guidance=2.0, prompt=prompt),
+        Request(200, [4], labels=[{"digit": "0"}], guidance=2.0),
+    ]
+    batcher = Batcher(generator, window_s=WINDOW_S)
+    tickets = [batcher.submit(request) for request in requests]
+    audio = [received(ticket) for ticket in tickets]
+    assert [t.requests for t in tickets] == [2, 1, 1, 2]  # the first and the last together
+    for request, clips in zip(requests, audio, strict=True):
+        np.testing.assert_array_equal(clips, alone(generator, request))
+
+
+def test_a_cancelled_request_stops_its_batch(generator):
+    ten_minutes = 10 * 60 * generator.sample_rate  # hours of work on a busy CPU, if not stopped
+    batcher = Batcher(generator, window_s=0.0)
+    ticket = batcher.submit(Request(ten_minutes, [0]))
+    worker = batcher._worker
+    first = next(iter(ticket))
+    ticket.cancel()
+    worker.join(timeout=120)  # the batch ends after the chunk it is sampling
+    assert first.shape[0] == 1 and not worker.is_alive() and batcher._worker is None
+
+
+def test_a_failing_batch_raises_in_every_request():
+    torch.manual_seed(0)
+    model = SaShiMi(SaShiMiConfig.preset("tiny"))
+    with torch.no_grad():
+        next(model.parameters()).fill_(float("nan"))
+    batcher = Batcher(Generator(model, device="cpu"), window_s=WINDOW_S)
+    tickets = [batcher.submit(Request(100, [seed])) for seed in (0, 1)]
+    for ticket in tickets:
+        with pytest.raises(FloatingPointError, match="logits are not finite"):
+            received(ticket)
