@@ -365,7 +365,8 @@ def _lerp(start, end, weight):
 def _sample(logits, noise, greedy, inverse_temperature, top_k, top_p, kept):
     """One class drawn from logits (n_classes,) as generate.Sampler draws it: the argmax when
     greedy; else argmax(g + logits / T) over the classes top-k and top-p keep (Gumbel-max), with
-    g the Gumbel noise (n_classes,) Sampler drew ahead. kept (n_classes,) bool is scratch."""
+    g the Gumbel noise (n_classes,) Sampler drew ahead. 1 / T and top_p are float32 as Sampler's
+    tensors hold them (top_p = inf: no nucleus); kept (n_classes,) bool is scratch."""
     n = logits.shape[0]
     if greedy:
         return np.argmax(logits)
@@ -374,7 +375,7 @@ def _sample(logits, noise, greedy, inverse_temperature, top_k, top_p, kept):
         kth_largest = np.sort(logits)[n - top_k]
         for c in range(n):
             kept[c] = logits[c] >= kth_largest
-    if top_p < 1:
+    if top_p < np.inf:
         # nucleus, as Sampler._nucleus: classes by falling logit, kept while the probability
         # mass before them (tempered softmax over the top-k survivors) is below top_p
         masked = np.where(kept, logits, -np.inf).astype(np.float32)
@@ -384,11 +385,10 @@ def _sample(logits, noise, greedy, inverse_temperature, top_k, top_p, kept):
         for c in range(n):
             total += np.exp(masked[c] * inverse_temperature - top)
         mass = 0.0  # accumulated in float64, as torch's CPU cumsum does
-        threshold = np.float32(top_p)
         for c in order:
             probability = np.exp(masked[c] * inverse_temperature - top) / total
             mass += probability
-            kept[c] = np.float32(mass) - probability < threshold
+            kept[c] = np.float32(mass) - probability < top_p
     best, best_value = 0, -np.inf
     for c in range(n):
         if kept[c]:
@@ -418,14 +418,15 @@ def _run(
     noise, greedy, inverse_temperature, top_k, top_p, out,
 ):  # fmt: skip
     """k samples: draw a class per clip from `combined` with noise column j into out[:, j], and
-    step every row on its clip's class. Leaves the next logits in logits and combined."""
+    step every row on its clip's class. Leaves the next logits in logits and combined.
+    greedy, inverse_temperature and top_p hold one value per clip."""
     clips, n = combined.shape
     tokens = np.empty(logits.shape[0], dtype=np.int64)
     kept = np.empty(n, dtype=np.bool_)
     for j in range(k):
         for c in range(clips):
             token = _sample(
-                combined[c], noise[c, j], greedy, inverse_temperature, top_k, top_p, kept
+                combined[c], noise[c, j], greedy[c], inverse_temperature[c], top_k, top_p[c], kept
             )
             out[c, j] = token
             tokens[c] = token
@@ -605,16 +606,25 @@ class FusedStep:
         _combine(self.logits, self.guided, self.guidance, self.combined)
         return torch.from_numpy(self.combined.copy())
 
+    def _per_clip(self, value: float | Tensor) -> np.ndarray:
+        """A Sampler setting, one float or a column (batch, 1), as float32 (batch,)."""
+        if isinstance(value, Tensor):
+            return value.reshape(self.batch).cpu().numpy().astype(np.float32)
+        return np.full(self.batch, value, np.float32)
+
     def run(self, k: int, logits: Tensor, sampler, out: Tensor) -> Tensor:
         """k samples, as generate.Generator._run: draws with sampler's noise columns [0, k) (and
         its temperature, top-k and top-p) into out (batch, k), steps on them; the next logits."""
         assert k <= self.tokens.shape[1], f"{k} steps at once; at most one period"
         self.combined[:] = logits.cpu().numpy()
+        greedy = np.full(self.batch, sampler.greedy)
+        if sampler.greedy_rows is not None:
+            greedy = sampler.greedy_rows.cpu().numpy()
         _run(
             k, self.w, self.s, self.positions, self.net, self.blocks, self.tiers, self.eps,
             self.logits, self.combined, self.guided, self.guidance,
-            sampler.noise.numpy(), sampler.greedy, sampler.inverse_temperature,
-            sampler.top_k, sampler.top_p, self.tokens,
+            sampler.noise.numpy(), greedy, self._per_clip(sampler.inverse_temperature),
+            sampler.top_k, self._per_clip(sampler.top_p), self.tokens,
         )  # fmt: skip
         out.copy_(torch.from_numpy(self.tokens[:, :k]))
         return torch.from_numpy(self.combined.copy())

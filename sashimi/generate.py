@@ -39,6 +39,7 @@ from tqdm import tqdm
 
 from .audio import decode, encode
 from .checkpoint import DEFAULT_CHECKPOINT, is_checkpoint, load_checkpoint
+from .fast_step import FusedStep
 from .labels import UNKNOWN, Labels, check_labels, label_tensor
 from .model import IGNORE_INDEX, SaShiMi, SaShiMiState, nll_bits, shift_inputs
 
@@ -257,6 +258,16 @@ class Generator:
         self.config = model.config
         self.sample_rate = self.config.sample_rate
         self.metadata = metadata if metadata is not None else {}
+        # The one choice of how to step: on the CPU the fused step (sashimi/fast_step.py, one
+        # compiled routine per sample with its sampling), elsewhere torch's step_, which a CUDA
+        # graph replays. Set fused = False to generate with torch's step on the CPU too.
+        self.fused = self.device.type == "cpu"
+        log.info(
+            "generation steps with %s",
+            "the fused CPU step (sashimi/fast_step.py)"
+            if self.fused
+            else f"torch's step_: the fused step is CPU code and this is {self.device.type}",
+        )
 
     @classmethod
     def from_checkpoint(
@@ -309,9 +320,10 @@ class Generator:
         prompt: np.ndarray | None = None,
         labels: Tensor | None = None,
         guidance: float = 1.0,
-    ) -> tuple[Tensor, SaShiMiState, "GuidedStep"]:
+    ) -> tuple[Tensor, SaShiMiState, "GuidedStep | FusedStep"]:
         """The logits for the first new sample (batch, n_classes), the state to step on from, and
-        the step that advances it (GuidedStep: two rows per clip when guided).
+        the step that advances it (two rows per clip when guided): a FusedStep, which steps a
+        copy of the state, when self.fused, else a GuidedStep, which steps the state itself.
 
         No prompt: one step on the start token. A prompt: one parallel pass over [start] + prompt
         (model.prime), once for an unlabelled model and its state then copied to each clip, or
@@ -321,10 +333,11 @@ class Generator:
         if labels is not None and guidance != 1:
             labels = torch.cat([labels, torch.full_like(labels, UNKNOWN)])
         rows = batch_size if labels is None else labels.shape[0]
+        stepper = FusedStep if self.fused else GuidedStep
         with fast_step_settings(self.device):
             if prompt is None:
                 state = self.model.initial_state(rows, labels)
-                step = GuidedStep(self.model, state, batch_size, guidance)
+                step = stepper(self.model, state, batch_size, guidance)
                 start = torch.full((batch_size,), self.model.start_token, device=self.device)
                 return step(start), state, step
             start = torch.tensor([self.model.start_token], device=self.device)
@@ -336,7 +349,7 @@ class Generator:
             else:
                 logits, state = self.model.prime(tokens.expand(rows, -1), labels)
                 logits = logits[:, -1]
-            step = GuidedStep(self.model, state, batch_size, guidance)
+            step = stepper(self.model, state, batch_size, guidance)
             return step.combine(logits), state, step
 
     # --- generation ------------------------------------------------------------------------------
@@ -426,12 +439,14 @@ class Generator:
     def _run(
         k: int,
         logits: Tensor,
-        step: "GuidedStep",
+        step: "GuidedStep | FusedStep",
         sampler: Sampler,
         out: Tensor,
         graph: "_PeriodGraph | None",
     ) -> Tensor:
         """k steps: draw a class per clip into out[:, j], step on it. Returns the next logits."""
+        if isinstance(step, FusedStep):  # the draws and steps in one compiled call
+            return step.run(k, logits, sampler, out)
         if graph is not None and k == graph.period:
             next_logits = graph.replay(logits, out)
             if next_logits is not None:
