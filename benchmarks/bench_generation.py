@@ -1,12 +1,18 @@
 """Benchmark generation: steps/s and real-time factor of the engine, beside baselines in one run.
 
 Measured, per device (CPU, and CUDA when present) and batch size:
-  engine        Generator.generate: SaShiMi.step_ plus sampling, the path the CLI and the UI use;
+  engine        Generator.generate, the path the CLI and the UI use: on the CPU the fused step
+                (sashimi/fast_step.py: the whole step and its sampling in one compiled routine);
+  torch_engine  the same with Generator.fused = False: SaShiMi.step_ plus Sampler, today's engine
+                before the fused step (and the engine on CUDA);
   functional    the functional SaShiMi.step (new state every sample), same settings, no sampling;
   naive         recompute the convolution-mode forward over the whole context for every new
                 sample (what a model without a recurrent mode does), at a short length;
 and on the CPU, up to batch 16, the settings behind generate.fast_step_settings (threads, oneDNN)
-for step_ alone, taking turns.
+for step_ alone, taking turns. Next to the rates: the arithmetic of one step (multiply-adds per
+clip, weight and state bytes it touches, as averages over the multi-rate schedule) and the rate
+of multiply-adds the engine reaches; with --compile, what the fused step's numba compile costs
+the first time (empty cache) and after (cache on disk), each in a fresh process.
 One step makes one sample of every clip in the batch, so audio samples/s = steps/s x batch, and
 real_time_factor = steps/s / sample_rate (>= 1: each clip is made faster than it plays).
 Medians over repeats after a warm-up. Each rate is given twice: per second of wall time, and per
@@ -14,6 +20,7 @@ second of this process's CPU time (all its threads), which other processes shari
 slow down much less; the load average before and after is recorded. Prints one JSON object.
 
     python benchmarks/bench_generation.py                       # sc09, batch 1, 16, 64
+    python benchmarks/bench_generation.py --checkpoint checkpoints/fsdd --batch-sizes 1 16 --compile
     python benchmarks/bench_generation.py --preset tiny --batch-sizes 1 --profile
 """
 
@@ -24,7 +31,9 @@ import json
 import os
 import platform
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -33,23 +42,27 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 
 from sashimi import SaShiMi, SaShiMiConfig  # noqa: E402
+from sashimi.checkpoint import load_checkpoint  # noqa: E402
 from sashimi.generate import Generator, fast_step_settings  # noqa: E402
+from sashimi.model import Stack  # noqa: E402
 
 # The reference SaShiMi on a 2-core CPU like ours (/work/shared/REFERENCE_NOTES.md), steps/s.
 REFERENCE_CPU = {"fast_inexact": {"1": 298, "16": 107}, "exact": {"1": 181, "16": 74}}
 TARGET_CPU = {"1": 1500, "16": 1000}
+# Issue 11, one core: the shipped model (checkpoints/fsdd) at batch 1, sc09 at batch 1 and 16.
+TARGET_FUSED_CPU = {"checkpoints/fsdd": {"1": 24_000}, "sc09": {"1": 4_000, "16": 1_000}}
 
 
-def median_rates(runs: dict, steps: int, repeats: int) -> dict:
-    """Steps/s of each run() in `runs` (each makes `steps` steps), medians over repeats after one
+def median_rates(runs: dict, repeats: int) -> dict:
+    """Steps/s of each run in `runs`, {name: (run, steps it makes)}, medians over repeats after one
     warm-up each: {name: {"wall": per wall-clock second, "cpu": per second of process CPU time}}.
     The runs take turns within every repeat, so a change in machine load hits all of them alike."""
-    for run in runs.values():
+    for run, _ in runs.values():
         run()
     wall = {name: [] for name in runs}
     cpu = {name: [] for name in runs}
     for _ in range(repeats):
-        for name, run in runs.items():
+        for name, (run, _) in runs.items():
             start_wall, start_cpu = time.perf_counter(), time.process_time()
             run()
             wall[name].append(time.perf_counter() - start_wall)
@@ -59,18 +72,115 @@ def median_rates(runs: dict, steps: int, repeats: int) -> dict:
             "wall": round(steps / statistics.median(wall[name]), 1),
             "cpu": round(steps / statistics.median(cpu[name]), 1),
         }
-        for name in runs
+        for name, (_, steps) in runs.items()
     }
 
 
 def median_rate(run, steps: int, repeats: int) -> dict:
-    return median_rates({"run": run}, steps, repeats)["run"]
+    return median_rates({"run": (run, steps)}, repeats)["run"]
 
 
-def engine_rate(generator: Generator, batch: int, steps: int, repeats: int) -> dict:
-    return median_rate(
-        lambda: generator.generate(steps, batch_size=batch, show_progress=False), steps, repeats
-    )
+def engine_run(generator: Generator, batch: int, steps: int):
+    return lambda: generator.generate(steps, batch_size=batch, show_progress=False)
+
+
+def steps_for(generator: Generator, batch: int, seconds: float, min_audio: float) -> int:
+    """Steps (whole periods of the schedule) that take the engine about `seconds` of CPU time,
+    from a probe, and make at least `min_audio` seconds of audio, so that the fixed cost of a
+    call (the state; for the fused step, packing the weights) weighs as it does in a clip."""
+    period = generator.config.total_pool
+    probe = median_rate(engine_run(generator, batch, 2 * period), 2 * period, 1)["cpu"]
+    steps = max(probe * seconds, min_audio * generator.config.sample_rate)
+    return max(1, round(steps / period)) * period
+
+
+# Multiply-adds per mode and channel of one SSM step (real arithmetic on the stored half):
+# diagonal  A_bar x 4, B_bar u 2, Re(C x) 2;
+# DPLR      P^H x 2, Lambda x 4, P (P^H x) 2, dt B u 2, dt/2 (...) 2, E v 4, P^H E v 2,
+#           EP_scaled (P^H E v) 2, Re(C x) 2.
+SSM_MULTIPLY_ADDS = {"diagonal": 8, "dplr": 22}
+SSM_PLANES = {"diagonal": 6, "dplr": 10}  # (N/2, H) float planes the fused step keeps per layer
+
+
+def arithmetic(model: SaShiMi) -> dict:
+    """The work of one step of one clip, averaged over the schedule (tier i steps once every
+    prod(pool[:i]) samples): multiply-adds of the linears and SSM recurrences (norms, GELU and
+    GLU are a few per channel more), the float32 weight bytes the fused step reads, and the
+    bytes of SSM state it reads and writes back."""
+    cfg = model.config
+    half_N = cfg.d_state // 2
+    macs = weight_floats = state_floats = 0.0
+
+    def linear(module: torch.nn.Linear, every: int) -> None:
+        nonlocal macs, weight_floats
+        macs += module.in_features * module.out_features / every
+        weight_floats += (module.in_features + 1) * module.out_features / every
+
+    def stack(s: Stack, H: int, every: int) -> None:
+        nonlocal macs, weight_floats, state_floats
+        for s4_block, ff_block in zip(s.s4_blocks, s.ff_blocks, strict=True):
+            for module in (
+                s4_block.layer.output_linear,
+                ff_block.layer.net[0],
+                ff_block.layer.net[-1],
+            ):
+                linear(module, every)
+            macs += SSM_MULTIPLY_ADDS[cfg.kernel] * H * half_N / every
+            weight_floats += (SSM_PLANES[cfg.kernel] * half_N + 5) * H / every  # + D, two norms
+            state_floats += 2 * 2 * H * half_N / every  # x as real and imaginary planes, in and out
+
+    every = 1
+    for i, (down, up, s) in enumerate(
+        zip(model.down_pools, model.up_pools, model.up_stacks, strict=True)
+    ):
+        stack(s, s.s4_blocks[0].norm.normalized_shape[0], every)
+        every *= cfg.pool[i]
+        linear(down.linear, every)
+        linear(up.linear, every)
+    stack(model.center, model.center.s4_blocks[0].norm.normalized_shape[0], every)
+    linear(model.head, 1)
+    return {
+        "multiply_adds_per_clip": round(macs),
+        "weight_bytes_per_step": round(4 * weight_floats),
+        "state_bytes_per_clip": round(4 * state_floats),
+    }
+
+
+COMPILE_SCRIPT = """
+import json, time
+import torch
+from sashimi import SaShiMi, SaShiMiConfig
+from sashimi.fast_step import FusedStep
+from sashimi.generate import Sampler
+model = SaShiMi(SaShiMiConfig.preset("tiny")).eval()
+start_wall, start_cpu = time.perf_counter(), time.process_time()
+with torch.no_grad():
+    step = FusedStep(model, model.initial_state(1), 1)
+    logits = step(torch.tensor([model.start_token]))
+    sampler = Sampler(1, model.config.n_classes, 16, torch.device("cpu"), 0)
+    sampler.draw_noise(16)
+    step.run(16, logits, sampler, torch.empty(1, 16, dtype=torch.long))
+print(json.dumps({"wall": time.perf_counter() - start_wall, "cpu": time.process_time() - start_cpu}))
+"""
+
+
+def compile_cost() -> dict:
+    """Seconds a fresh process takes from a built model to its first fused steps (one plain, one
+    period with sampling): with an empty numba cache (the first use on a machine), then with the
+    cache that run left (every later use). One compile serves every model (fast_step.py)."""
+    cost = {}
+    with tempfile.TemporaryDirectory() as cache:
+        for name in ("first_use_s", "cached_s"):
+            result = subprocess.run(
+                [sys.executable, "-c", COMPILE_SCRIPT],
+                env={**os.environ, "NUMBA_CACHE_DIR": cache},
+                cwd=Path(__file__).resolve().parent.parent,
+                capture_output=True,
+                text=True,
+                check=True,
+            )
+            cost[name] = {k: round(v, 2) for k, v in json.loads(result.stdout).items()}
+    return cost
 
 
 def step_loop(model: SaShiMi, batch: int, steps: int, in_place: bool, settings):
@@ -166,13 +276,26 @@ def main(argv: list[str] | None = None) -> int:
         description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
     )
     parser.add_argument("--preset", default="sc09", help="SaShiMiConfig preset (random weights)")
+    parser.add_argument(
+        "--checkpoint",
+        metavar="DIR",
+        default=None,
+        help="measure this checkpoint (e.g. checkpoints/fsdd, the shipped model) instead",
+    )
     parser.add_argument("--batch-sizes", metavar="B", type=int, nargs="+", default=[1, 16, 64])
     parser.add_argument(
         "--seconds",
         metavar="S",
         type=float,
         default=2.0,
-        help="target time per measurement; sets how many steps each repeat makes",
+        help="target CPU time per measurement; sets how many steps each repeat makes",
+    )
+    parser.add_argument(
+        "--min-audio",
+        metavar="S",
+        type=float,
+        default=0.5,
+        help="seconds of audio each engine run makes at least",
     )
     parser.add_argument("--repeats", metavar="R", type=int, default=3)
     parser.add_argument(
@@ -188,69 +311,114 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="devices to measure (default: cpu, plus cuda when present)",
     )
+    parser.add_argument(
+        "--compile",
+        action="store_true",
+        help="add the fused step's compile cost: first use (empty cache) and cached, in new processes",
+    )
     parser.add_argument("--profile", action="store_true", help="add a torch.profiler breakdown")
     args = parser.parse_args(argv)
     devices = args.devices or ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
-    torch.manual_seed(0)
-    config = SaShiMiConfig.preset(args.preset)
+    if args.checkpoint:
+        model, _ = load_checkpoint(args.checkpoint)
+        name = args.checkpoint
+    else:
+        torch.manual_seed(0)
+        model = SaShiMi(SaShiMiConfig.preset(args.preset))
+        name = args.preset
+    config = model.config
+    work = arithmetic(model)
     report = {
         "benchmark": "generation",
-        "preset": args.preset,
+        "model": name,
+        "kernel": config.kernel,
+        "d_model": config.d_model,
+        "n_layers": config.n_layers,
+        "pool": config.pool,
+        "d_state": config.d_state,
         "sample_rate": config.sample_rate,
         "torch": torch.__version__,
         "threads_available": torch.get_num_threads(),
         "cpu": platform.processor() or platform.machine(),
         "repeats": args.repeats,
+        "arithmetic_per_step": work,
         "reference_cpu_steps_per_s": REFERENCE_CPU,
-        "target_cpu_steps_per_s": TARGET_CPU,
+        "target_cpu_steps_per_s": TARGET_FUSED_CPU.get(name, TARGET_CPU),
         "load_average_1min_before": round(os.getloadavg()[0], 2),
         "results": [],
     }
+    if args.compile:
+        report["fused_compile"] = compile_cost()
     for device in devices:
-        generator = Generator(SaShiMi(config), device=device)
-        model = generator.model
-        settings = functools.partial(fast_step_settings, generator.device)
+        engine = Generator(model, device=device)
+        torch_engine = Generator(model, device=device)
+        torch_engine.fused = False
+        settings = functools.partial(fast_step_settings, engine.device)
         for batch in args.batch_sizes:
-            # size a repeat from a quick probe so that each measurement takes about --seconds
-            probe = engine_rate(generator, batch, 2 * config.total_pool, 1)["wall"]
-            periods = max(1, round(probe * args.seconds / config.total_pool))
-            steps = periods * config.total_pool
-            engine = engine_rate(generator, batch, steps, args.repeats)
+            # size each repeat from a quick probe so that each measurement takes about --seconds
+            steps = {"engine": steps_for(engine, batch, args.seconds, args.min_audio)}
+            runs = {"engine": (engine_run(engine, batch, steps["engine"]), steps["engine"])}
+            if engine.fused:
+                steps["torch_engine"] = steps_for(torch_engine, batch, args.seconds, args.min_audio)
+                runs["torch_engine"] = (
+                    engine_run(torch_engine, batch, steps["torch_engine"]),
+                    steps["torch_engine"],
+                )
+            steps["functional"] = max(1, steps.get("torch_engine", steps["engine"]) // 4)
+            runs["functional"] = (
+                step_loop(model, batch, steps["functional"], False, settings),
+                steps["functional"],
+            )
+            rates = median_rates(runs, args.repeats)
+            engine_rate = rates["engine"]
             naive = naive_rate(model, batch, args.naive_length, args.repeats, settings)
+
+            def over(baseline: dict, rate=engine_rate) -> dict:
+                return {k: round(rate[k] / baseline[k], 1) for k in rate}
+
             row = {
                 "device": device,
                 "batch": batch,
+                "engine_step": "fused" if engine.fused else "torch",
                 "steps_per_repeat": steps,
-                "engine_steps_per_s": engine,
+                "engine_steps_per_s": engine_rate,
                 "real_time_factor": {
-                    k: round(v / config.sample_rate, 4) for k, v in engine.items()
+                    k: round(v / config.sample_rate, 4) for k, v in engine_rate.items()
                 },
-                "audio_samples_per_s": {k: round(v * batch) for k, v in engine.items()},
-                "functional_step_steps_per_s": median_rate(
-                    step_loop(model, batch, steps // 4, False, settings), steps // 4, args.repeats
-                ),
+                "audio_samples_per_s": {k: round(v * batch) for k, v in engine_rate.items()},
+                "engine_multiply_adds_per_s": {
+                    k: f"{v * batch * work['multiply_adds_per_clip'] / 1e9:.2f} G"
+                    for k, v in engine_rate.items()
+                },
+            }
+            if engine.fused:
+                row["torch_engine_steps_per_s"] = rates["torch_engine"]
+                row["engine_over_torch_engine"] = over(rates["torch_engine"])
+            row |= {
+                "functional_step_steps_per_s": rates["functional"],
+                "engine_over_functional_step": over(rates["functional"]),
                 "naive_steps_per_s": naive,
-                "engine_over_naive": {k: round(engine[k] / naive[k], 1) for k in engine},
+                "engine_over_naive": over(naive),
             }
             if device == "cpu" and batch <= 16:  # two threads crawl at batch 64 (1-2 steps/s)
+                n = steps["functional"]
                 settings_runs = {
-                    f"threads={threads},onednn={onednn}": step_loop(
-                        model,
-                        batch,
-                        steps // 4,
-                        True,
-                        functools.partial(cpu_settings, threads, onednn),
+                    f"threads={threads},onednn={onednn}": (
+                        step_loop(
+                            model, batch, n, True, functools.partial(cpu_settings, threads, onednn)
+                        ),
+                        n,
                     )
                     for threads, onednn in [(1, False), (2, False), (1, True)]
                 }
-                row["step_only_steps_per_s"] = median_rates(
-                    settings_runs, steps // 4, 2 * args.repeats
-                )
+                row["step_only_steps_per_s"] = median_rates(settings_runs, 2 * args.repeats)
             report["results"].append(row)
             print(json.dumps(row), file=sys.stderr)  # progress while the rest runs
         if device == "cpu" and args.profile:
-            report["profile_cpu"] = [profile_step(model, batch, 200) for batch in args.batch_sizes]
+            report["profile_cpu"] = [
+                profile_step(engine.model, batch, 200) for batch in args.batch_sizes
+            ]
     report["load_average_1min_after"] = round(os.getloadavg()[0], 2)
     print(json.dumps(report))
     return 0
