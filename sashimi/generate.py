@@ -47,7 +47,7 @@ log = logging.getLogger(__name__)
 
 CHUNK_SECONDS = 0.25  # default length of the pieces `stream` yields
 GREEDY_TEMPERATURE = 1e-4  # at or below this temperature, sampling is the argmax
-DEFAULT_GUIDANCE = 2.0  # guidance weight w of labelled models (README: chosen by bench_quality)
+DEFAULT_GUIDANCE = 3.0  # guidance weight w of labelled models (README: chosen by bench_quality)
 MAX_GUIDANCE = 20.0  # far beyond any useful w: larger ones only sharpen the logits into noise
 
 

@@ -26,8 +26,6 @@ from sashimi.checkpoint import (
 )
 from sashimi.generate import Generator
 
-MARKOV_BITS_ON_FSDD_VALID = 5.20  # benchmarks/bench_baselines.py: first-order Markov chain
-
 
 def test_save_then_load_gives_the_same_weights_config_and_metrics(tiny_config, tmp_path):
     torch.manual_seed(1)
@@ -223,17 +221,63 @@ def test_the_default_checkpoint_ships_small_and_complete():
     model, metrics = load_checkpoint(DEFAULT_CHECKPOINT)
     assert model.config.sample_rate == 8000 and model.config.quantization == "mu-law"
     assert metrics["num_parameters"] == sum(p.numel() for p in model.parameters())
-    assert metrics["valid_bits_per_sample"] < MARKOV_BITS_ON_FSDD_VALID
+    labels = model.config.labels
+    assert list(labels) == ["digit", "speaker"]
+    assert list(labels["digit"]) == [str(d) for d in range(10)]
+    assert sum(labels["digit"].values()) == metrics["n_train_files"]
     card = (DEFAULT_CHECKPOINT / "card.md").read_text()
-    for fact in ("CC BY-SA 4.0", "python -m train", f"{metrics['num_parameters']:,}", "lucas"):
+    for fact in ("CC BY-SA 4.0", "python -m train", f"{metrics['num_parameters']:,}", "--labels"):
         assert fact in card, fact
+    assert all(speaker in card for speaker in labels["speaker"])
 
 
-def test_the_default_checkpoint_generates_speech_like_audio():
+@pytest.fixture(scope="module")
+def asked_digits():
+    """Eight 1-second clips of the shipped model, asked for eight digits, unguided (w = 1)."""
     generator = Generator.from_checkpoint(device="cpu")  # no path: the default
-    clips = generator.generate(800, batch_size=2, seed=0, show_progress=False)
-    assert clips.shape == (2, 800) and np.isfinite(clips).all()
-    assert not np.array_equal(clips[0], clips[1])  # two seeds, two clips
-    # A trained model on speech scores speech-like audio far better than white noise.
-    noise = np.random.default_rng(0).uniform(-0.5, 0.5, size=(1, 800)).astype(np.float32)
-    assert generator.log_likelihood(clips).mean() < generator.log_likelihood(noise).mean() - 1.0
+    digits = [str(d) for d in range(8)]
+    clips = generator.generate(
+        generator.sample_rate,
+        batch_size=8,
+        seed=0,
+        labels=[{"digit": d} for d in digits],
+        show_progress=False,
+    )
+    return generator, digits, clips
+
+
+def frame_levels_db(clip: np.ndarray, frame: int) -> np.ndarray:
+    frames = clip[: len(clip) // frame * frame].reshape(-1, frame)
+    return 20 * np.log10(np.sqrt((frames**2).mean(1)) + 1e-6)
+
+
+def test_the_default_checkpoint_says_a_word_then_stops(asked_digits):
+    """As FSDD's clips do: a voiced word (energy mostly below 1 kHz), then silence. An untrained
+    or unconditional-babble model fails both: it never falls to digital silence."""
+    generator, _, clips = asked_digits
+    assert clips.shape == (8, 8000) and np.isfinite(clips).all()
+    rate = generator.sample_rate
+    ended = 0
+    for clip in clips:
+        levels = frame_levels_db(clip, rate // 50)  # 20 ms frames
+        assert levels.max() > -35  # a word, not a whisper
+        spectrum = np.abs(np.fft.rfft(clip)) ** 2
+        assert spectrum[: len(spectrum) * 1000 // (rate // 2)].sum() > 0.5 * spectrum.sum()
+        ended += levels[-10:].max() < -50  # the last 0.2 s silent
+    assert ended >= 5, ended  # most clips; seen: 7 of 8
+
+
+def test_the_default_checkpoint_hears_the_digit_it_was_asked_for(asked_digits):
+    """Recomputed, not read from metrics.json: each clip is likelier under the digit it was made
+    for than under the nine others, on average over the clips."""
+    generator, digits, clips = asked_digits
+    own = generator.log_likelihood(clips, [{"digit": d} for d in digits])
+    others = np.mean(
+        [
+            generator.log_likelihood(clips, [{"digit": str((int(d) + k) % 10)} for d in digits])
+            for k in range(1, 10)
+        ],
+        axis=0,
+    )
+    unknown = generator.log_likelihood(clips)
+    assert own.mean() < others.mean() and own.mean() < unknown.mean()
