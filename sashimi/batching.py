@@ -1,11 +1,11 @@
 """Requests that arrive together, sampled together: how one server answers many listeners at once.
 
-A recurrent step of SaShiMi is a few hundred small operations whose cost is mostly dispatch, so a
-batch of eight clips costs little more than one (benchmarks/bench_serving.py measures it through
-the web UI). Requests sampled one after another leave that on the table: eight people clicking at
-once waited 7, 13, 20, ... 51 s (issue 12). So a `Batcher` over one generator queues requests,
-and every request that can share a batch with the oldest waiting one becomes rows of one
-Generator.stream:
+Sampling clips as one batch costs less than sampling them in turn: eight 0.5 s clips of the FSDD
+model took 3.0 s together against 0.8 s for one with the fused CPU step on the project's 2-core VM
+(benchmarks/bench_serving.py measures the whole request through the web UI). Requests sampled one
+after another leave that on the table: eight people clicking at once waited 7, 13, 20, ... 51 s
+(issue 12). So a `Batcher` over one generator queues requests, and every request that can share a
+batch with the oldest waiting one becomes rows of one Generator.stream:
 
     ticket = batcher.submit(Request(num_samples, seeds=[7], temperature=1.0, top_p=0.95))
     for chunk in ticket: ...        # float32 (clips, n), this request's rows only, as sampled
@@ -13,10 +13,11 @@ Generator.stream:
 Each request keeps its own seeds, temperature, top-p, labels and length (rows stop being sent
 once it has its samples, and the batch stops when no request still wants any). Requests that
 share a batch need the same guidance weight (one weight per guided step) and no prompt (a prompt
-primes its own state); others wait for a later batch. The first request to find the batcher idle
-waits WINDOW_S for company; requests that arrive while a batch runs make up the next one.
+primes its own state); others wait for a later batch. A batch waits for company while requests
+keep coming (see GAP_S); requests that arrive while a batch runs make up the next one.
 """
 
+import logging
 import queue
 import threading
 import time
@@ -28,7 +29,12 @@ import numpy as np
 from .generate import Generator
 from .labels import Labels
 
-WINDOW_S = 0.1  # how long the oldest request waits for others: simultaneous clicks arrive within it
+log = logging.getLogger(__name__)
+
+# A batch closes once no request has come for GAP_S, or once the oldest has waited WINDOW_S: eight
+# clients released together reached the batcher over 0.26 s, 0.06-0.1 s apart (bench_serving.py).
+GAP_S = 0.1
+WINDOW_S = 0.5
 _END = object()  # a ticket's last item
 
 
@@ -78,9 +84,9 @@ class Batcher:
     """Samples the requests submitted to one generator, those that arrive together as one batch,
     on a thread of its own that runs while there are requests and ends when there are none."""
 
-    def __init__(self, generator: Generator, window_s: float = WINDOW_S):
+    def __init__(self, generator: Generator, gap_s: float = GAP_S, window_s: float = WINDOW_S):
         self.generator = generator
-        self.window_s = window_s
+        self.gap_s, self.window_s = gap_s, window_s
         self._waiting: list[Ticket] = []
         self._lock = threading.Lock()
         self._worker: threading.Thread | None = None
@@ -101,7 +107,8 @@ class Batcher:
                 if not self._waiting:
                     self._worker = None
                     return
-                wait = self._waiting[0].arrived + self.window_s - time.monotonic()
+                first, last = self._waiting[0].arrived, self._waiting[-1].arrived
+                wait = min(last + self.gap_s, first + self.window_s) - time.monotonic()
                 if wait <= 0:
                     oldest = self._waiting[0]
                     batch = [
@@ -120,6 +127,11 @@ class Batcher:
         seeds = [seed for r in requests for seed in r.seeds]
         for ticket in batch:
             ticket.requests, ticket.clips = len(batch), len(seeds)
+        spread = batch[-1].arrived - batch[0].arrived
+        log.info(
+            f"sampling {len(batch)} request(s), {len(seeds)} clip(s), together (arrived over "
+            f"{spread:.2f} s, the first {time.monotonic() - batch[0].arrived:.2f} s ago)"
+        )
         try:
             stream = self.generator.stream(
                 max(r.num_samples for r in requests),

@@ -8,7 +8,7 @@ from sashimi import SaShiMi, SaShiMiConfig
 from sashimi.batching import Batcher, Request
 from sashimi.generate import Generator
 
-WINDOW_S = 1.0  # far longer than submitting a few requests takes: they are one batch
+WAIT_S = 1.0  # far longer than submitting a few requests takes: they are one batch
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +41,7 @@ def test_requests_that_arrive_together_are_one_batch_each_with_its_own_settings(
         Request(150, [9], 0.0, 1.0, [{}], guidance=2.0),  # greedy and shorter
         Request(250, [3], 0.8, 1.0, [{"speaker": "bob"}], guidance=2.0),  # a seed used above
     ]
-    batcher = Batcher(generator, window_s=WINDOW_S)
+    batcher = Batcher(generator, gap_s=WAIT_S, window_s=WAIT_S)
     tickets = [batcher.submit(request) for request in requests]
     audio = [received(ticket) for ticket in tickets]
     assert [(t.requests, t.clips) for t in tickets] == [(3, 4)] * 3
@@ -59,7 +59,7 @@ def test_another_guidance_or_a_prompt_is_sampled_in_its_own_batch(generator):
         Request(200, [3], labels=[{"digit": "1"}], guidance=2.0, prompt=prompt),
         Request(200, [4], labels=[{"digit": "0"}], guidance=2.0),
     ]
-    batcher = Batcher(generator, window_s=WINDOW_S)
+    batcher = Batcher(generator, gap_s=WAIT_S, window_s=WAIT_S)
     tickets = [batcher.submit(request) for request in requests]
     audio = [received(ticket) for ticket in tickets]
     assert [t.requests for t in tickets] == [2, 1, 1, 2]  # the first and the last together
@@ -69,7 +69,7 @@ def test_another_guidance_or_a_prompt_is_sampled_in_its_own_batch(generator):
 
 def test_a_cancelled_request_stops_its_batch(generator):
     ten_minutes = 10 * 60 * generator.sample_rate  # hours of work on a busy CPU, if not stopped
-    batcher = Batcher(generator, window_s=0.0)
+    batcher = Batcher(generator, gap_s=0.0, window_s=0.0)
     ticket = batcher.submit(Request(ten_minutes, [0]))
     worker = batcher._worker
     first = next(iter(ticket))
@@ -83,7 +83,7 @@ def test_a_failing_batch_raises_in_every_request():
     model = SaShiMi(SaShiMiConfig.preset("tiny"))
     with torch.no_grad():
         next(model.parameters()).fill_(float("nan"))
-    batcher = Batcher(Generator(model, device="cpu"), window_s=WINDOW_S)
+    batcher = Batcher(Generator(model, device="cpu"), gap_s=WAIT_S, window_s=WAIT_S)
     tickets = [batcher.submit(Request(100, [seed])) for seed in (0, 1)]
     for ticket in tickets:
         with pytest.raises(FloatingPointError, match="logits are not finite"):
