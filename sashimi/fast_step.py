@@ -50,6 +50,16 @@ def _compiled(fn):
 
 _compiled.warned = False
 
+
+def _inlined(fn):
+    """A helper that numba inlines into its one caller before compiling that (inline="always"),
+    so that it is optimised once, there: each compiled function is optimised on its own and again
+    inside every compiled caller. _step inlined into _run (with the stack loop merged into it)
+    took the first-use compile from 28 to 23 CPU seconds (benchmarks/bench_generation.py
+    --compile); inlining every helper instead took 50."""
+    return numba.njit(inline="always", fastmath=FASTMATH, nogil=True, error_model="numpy")(fn)
+
+
 # --- tables ---------------------------------------------------------------------------------------
 # Block table, one row per [Residual(S4), Residual(FeedForward)] pair: where its arrays start.
 # In w: norms, the SSM's discrete parameters as real/imaginary planes, the linears (transposed).
@@ -291,19 +301,7 @@ def _block(w, s, net, block, h, rows, H, eps):
     _linear(hidden, w[block[FF_OUT_W] :], w[block[FF_OUT_B] :], h, rows, ff, H, True)
 
 
-@_compiled
-def _stack(w, s, net, blocks, tier, eps):
-    """A tier's Stack plus its residual: output = input + Stack(input), (rows, H) in s."""
-    n = net[ROWS] * tier[WIDTH]
-    x, hidden, out = s[tier[INPUT] :], s[tier[HIDDEN] :], s[tier[OUTPUT] :]
-    hidden[:n] = x[:n]
-    for k in range(tier[FIRST_BLOCK], tier[FIRST_BLOCK] + tier[N_BLOCKS]):
-        _block(w, s, net, blocks[k], hidden, net[ROWS], tier[WIDTH], eps)
-    for i in range(n):
-        out[i] = x[i] + hidden[i]
-
-
-@_compiled
+@_inlined
 def _step(tokens, w, s, positions, net, blocks, tiers, eps, logits):
     """One sample of every row: tokens (rows,) -> logits (rows, n_classes), state in s advanced.
 
@@ -318,16 +316,24 @@ def _step(tokens, w, s, positions, net, blocks, tiers, eps, logits):
     for r in range(rows):
         x0[r * H0 : (r + 1) * H0] = embedding[tokens[r] * H0 : (tokens[r] + 1) * H0]
     deepest = 0  # the innermost tier that steps this sample
-    while deepest < n_pools:
+    while True:
         tier = tiers[deepest]
         H, p = tier[WIDTH], tier[POOL]
-        phase = positions[deepest] % p
-        x, pending, upsampled = s[tier[INPUT] :], s[tier[PENDING] :], s[tier[UPSAMPLED] :]
-        for r in range(rows):
-            for c in range(H):
-                pending[(r * p + phase) * H + c] = x[r * H + c]
-                x[r * H + c] += upsampled[(r * p + phase) * H + c]  # UpPool output + U-Net skip
-        _stack(w, s, net, blocks, tier, eps)
+        if deepest < n_pools:
+            phase = positions[deepest] % p
+            x, pending, upsampled = s[tier[INPUT] :], s[tier[PENDING] :], s[tier[UPSAMPLED] :]
+            for r in range(rows):
+                for c in range(H):
+                    pending[(r * p + phase) * H + c] = x[r * H + c]
+                    x[r * H + c] += upsampled[(r * p + phase) * H + c]  # UpPool + U-Net skip
+        x, hidden, out = s[tier[INPUT] :], s[tier[HIDDEN] :], s[tier[OUTPUT] :]
+        hidden[: rows * H] = x[: rows * H]
+        for k in range(tier[FIRST_BLOCK], tier[FIRST_BLOCK] + tier[N_BLOCKS]):
+            _block(w, s, net, blocks[k], hidden, rows, H, eps)
+        for i in range(rows * H):
+            out[i] = x[i] + hidden[i]  # the tier's residual around its stack
+        if deepest == n_pools:
+            break
         positions[deepest] += 1
         if phase < p - 1:
             break
@@ -337,8 +343,6 @@ def _step(tokens, w, s, positions, net, blocks, tiers, eps, logits):
             rows, p * H, inner[WIDTH], False,
         )  # fmt: skip
         deepest += 1
-    if deepest == n_pools:
-        _stack(w, s, net, blocks, tiers[n_pools], eps)
     for i in range(deepest - 1, -1, -1):
         tier, inner = tiers[i], tiers[i + 1]
         _linear(
@@ -415,23 +419,30 @@ def _combine(logits, guided, guidance, combined):
 @_compiled
 def _run(
     k, w, s, positions, net, blocks, tiers, eps, logits, combined, guided, guidance,
-    noise, greedy, inverse_temperature, top_k, top_p, out,
+    sample, noise, greedy, inverse_temperature, top_k, top_p, out,
 ):  # fmt: skip
-    """k samples: draw a class per clip from `combined` with noise column j into out[:, j], and
-    step every row on its clip's class. Leaves the next logits in logits and combined.
-    greedy, inverse_temperature and top_p hold one value per clip."""
+    """k steps. Before step j each clip's class goes to out[:, j]: drawn from `combined` with
+    noise column j when sample (greedy, inverse_temperature and top_p one value per clip), else
+    read from there. Every row steps on its clip's class; the next logits are left in logits
+    and combined."""
     clips, n = combined.shape
     tokens = np.empty(logits.shape[0], dtype=np.int64)
     kept = np.empty(n, dtype=np.bool_)
     for j in range(k):
         for c in range(clips):
-            token = _sample(
-                combined[c], noise[c, j], greedy[c], inverse_temperature[c], top_k, top_p[c], kept
-            )
-            out[c, j] = token
-            tokens[c] = token
+            if sample:
+                out[c, j] = _sample(
+                    combined[c],
+                    noise[c, j],
+                    greedy[c],
+                    inverse_temperature[c],
+                    top_k,
+                    top_p[c],
+                    kept,
+                )
+            tokens[c] = out[c, j]
             if guided:
-                tokens[clips + c] = token
+                tokens[clips + c] = out[c, j]
         _step(tokens, w, s, positions, net, blocks, tiers, eps, logits)
         _combine(logits, guided, guidance, combined)
 
@@ -530,7 +541,8 @@ class FusedStep:
         self.positions = np.array([t.position for t in state.tiers], np.int64)
         self.logits = np.zeros((rows, cfg.n_classes), np.float32)
         self.combined = np.zeros((batch, cfg.n_classes), np.float32) if self.guided else self.logits
-        self.tokens = np.zeros((batch, cfg.total_pool), np.int64)
+        self.tokens = np.zeros((batch, cfg.total_pool), np.int64)  # classes drawn or given
+        self.no_noise = np.zeros((batch, 1, cfg.n_classes), np.float32)  # for steps on given ones
 
     @staticmethod
     def _pack_blocks(
@@ -589,28 +601,10 @@ class FusedStep:
 
     def __call__(self, token: Tensor) -> Tensor:
         """One step on each clip's class token (batch,): the next logits (batch, n_classes)."""
-        tokens = token.cpu().numpy().astype(np.int64)
-        if self.guided:
-            tokens = np.concatenate([tokens, tokens])
-        _step(
-            tokens,
-            self.w,
-            self.s,
-            self.positions,
-            self.net,
-            self.blocks,
-            self.tiers,
-            self.eps,
-            self.logits,
-        )
-        _combine(self.logits, self.guided, self.guidance, self.combined)
+        self.tokens[:, 0] = token.cpu().numpy()
+        unused = np.zeros(self.batch, np.float32)
+        self._run(1, False, self.no_noise, np.zeros(self.batch, np.bool_), unused, 0, unused)
         return torch.from_numpy(self.combined.copy())
-
-    def _per_clip(self, value: float | Tensor) -> np.ndarray:
-        """A Sampler setting, one float or a column (batch, 1), as float32 (batch,)."""
-        if isinstance(value, Tensor):
-            return value.reshape(self.batch).cpu().numpy().astype(np.float32)
-        return np.full(self.batch, value, np.float32)
 
     def run(self, k: int, logits: Tensor, sampler, out: Tensor) -> Tensor:
         """k samples, as generate.Generator._run: draws with sampler's noise columns [0, k) (and
@@ -620,11 +614,27 @@ class FusedStep:
         greedy = np.full(self.batch, sampler.greedy)
         if sampler.greedy_rows is not None:
             greedy = sampler.greedy_rows.cpu().numpy()
+        self._run(
+            k,
+            True,
+            sampler.noise.numpy(),
+            greedy,
+            self._per_clip(sampler.inverse_temperature),
+            sampler.top_k,
+            self._per_clip(sampler.top_p),
+        )
+        out.copy_(torch.from_numpy(self.tokens[:, :k]))
+        return torch.from_numpy(self.combined.copy())
+
+    def _per_clip(self, value: float | Tensor) -> np.ndarray:
+        """A Sampler setting, one float or a column (batch, 1), as float32 (batch,)."""
+        if isinstance(value, Tensor):
+            return value.reshape(self.batch).cpu().numpy().astype(np.float32)
+        return np.full(self.batch, value, np.float32)
+
+    def _run(self, k, sample, noise, greedy, inverse_temperature, top_k, top_p) -> None:
         _run(
             k, self.w, self.s, self.positions, self.net, self.blocks, self.tiers, self.eps,
             self.logits, self.combined, self.guided, self.guidance,
-            sampler.noise.numpy(), greedy, self._per_clip(sampler.inverse_temperature),
-            sampler.top_k, self._per_clip(sampler.top_p), self.tokens,
+            sample, noise, greedy, inverse_temperature, top_k, top_p, self.tokens,
         )  # fmt: skip
-        out.copy_(torch.from_numpy(self.tokens[:, :k]))
-        return torch.from_numpy(self.combined.copy())
