@@ -8,7 +8,7 @@ clients (one each, on threads released together by a barrier):
                  (sashimi/batching.py), each with its own seed, temperature, top-p and length.
 For each: the time of one lone request (median over repeats, after a warm-up), then the time until
 each of N simultaneous one-clip requests is answered (every round), whether every answer is a clip
-of the length asked, and the server's resident memory before and after the rounds. The ratio
+of the length asked, and the server's resident memory after the warm-up and after each round. The ratio
 `slowest_over_lone` is the figure of merit (target: <= 2 for eight clients). Every request is
 answered end to end: sampling, the likelihood ranking, the pictures, the WAV download.
 Prints one JSON object; progress goes to stderr.
@@ -117,7 +117,7 @@ def measure(server: Server, args: argparse.Namespace, rate: int) -> dict:
     clients = [Client(server.url, verbose=False) for _ in range(args.clients)]
     ask(clients[0], args.checkpoint, args.seconds, 0, rate)  # loads the model, warms the caches
     lone = [ask(clients[0], args.checkpoint, args.seconds, 0, rate) for _ in range(args.repeats)]
-    rss_before = rss_mib(server.process.pid)
+    rss = [rss_mib(server.process.pid)]
     rounds = []
     for round_index in range(args.rounds):
         barrier = threading.Barrier(args.clients)
@@ -135,7 +135,8 @@ def measure(server: Server, args: argparse.Namespace, rate: int) -> dict:
         if None in times:
             raise RuntimeError(f"round {round_index}: {times.count(None)} requests unanswered")
         rounds.append(sorted(round(t, 2) for t in times))
-        print(f"  round {round_index}: {rounds[-1]}", file=sys.stderr)
+        rss.append(rss_mib(server.process.pid))
+        print(f"  round {round_index}: {rounds[-1]}, server RSS {rss[-1]} MiB", file=sys.stderr)
     lone_s = statistics.median(lone)
     slowest = statistics.median(max(r) for r in rounds)
     return {
@@ -145,7 +146,7 @@ def measure(server: Server, args: argparse.Namespace, rate: int) -> dict:
         "slowest_over_lone": round(slowest / lone_s, 2),
         "answered": sum(len(r) for r in rounds),
         "asked": args.clients * args.rounds,
-        "server_rss_mib": {"before_rounds": rss_before, "after": rss_mib(server.process.pid)},
+        "server_rss_mib": rss,  # after the warm-up, then after each round
     }
 
 

@@ -494,7 +494,7 @@ class WebUI:
         audio = np.concatenate(chunks, axis=1)
         if prompt is not None:
             audio = np.concatenate([np.broadcast_to(prompt, (clips, len(prompt))), audio], axis=1)
-        bits = generator.log_likelihood(audio, labels)  # (clips,), each under its own labels
+        bits = ticket.bits  # (clips,), each under its own labels, scored with its batch
         files, ranking, results = self._save_ranked(
             audio, bits, rate, seed, labels, prompt, what + settings, bool(generator.config.labels)
         )
