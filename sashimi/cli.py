@@ -1,5 +1,5 @@
 """What the command lines (train, render, evaluate, app) share: help that shows defaults and keeps
-examples as written, usage errors on one line, and the --device flag."""
+examples as written, usage errors on one line, the --device flag, and durations for people."""
 
 import argparse
 
@@ -31,3 +31,8 @@ def add_device_argument(
 ) -> None:
     kwargs.setdefault("help", "where to run: auto picks CUDA when present, else the CPU")
     parser.add_argument("--device", choices=DEVICES, **kwargs)
+
+
+def format_duration(seconds: float) -> str:
+    """'12.5 min' under an hour, '1.92 h' from there on: how cards and the web UI state run times."""
+    return f"{seconds / 3600:.2f} h" if seconds >= 3600 else f"{seconds / 60:.1f} min"

@@ -136,6 +136,15 @@ class SaShiMiConfig:
         """Training lengths must be multiples of this: every tier sees whole pooled steps."""
         return math.prod(self.pool)
 
+    def check_length(self, L: int, name: str = "length") -> None:
+        """A ValueError naming the nearest lengths that are multiples of total_pool."""
+        q = self.total_pool
+        if L % q:
+            raise ValueError(
+                f"{name} {L} is not a multiple of the total pooling {q} (pool={self.pool}); "
+                f"crop or pad to {max(q, L // q * q)} or {(L // q + 1) * q}"
+            )
+
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
@@ -538,12 +547,7 @@ class SaShiMi(nn.Module):
         ]
 
     def _check_length(self, L: int) -> None:
-        q = self.config.total_pool
-        if L % q:
-            raise ValueError(
-                f"length {L} is not a multiple of the total pooling {q} (pool={self.config.pool}); "
-                f"crop or pad to {L // q * q} or {(L // q + 1) * q}"
-            )
+        self.config.check_length(L)
 
     def label_embedding(self, labels: Tensor | None, batch: int) -> Tensor | None:
         """e = sum over fields f of E_f[labels[:, f]]: (batch, d_model), None without labels.

@@ -42,6 +42,7 @@ import torch
 from .audio import load_audio, write_wav
 from .batching import Batcher, Request
 from .checkpoint import CHECKPOINTS_DIR, DEFAULT_CHECKPOINT, list_checkpoints, read_config
+from .cli import format_duration
 from .generate import DEFAULT_GUIDANCE, Generator, check_sampling
 from .labels import Labels, Vocabulary, labels_slug
 from .plots import save_figure_png, waveform_spectrogram_figure
@@ -198,7 +199,10 @@ class Models:
             ("parameters", f"{parameters:,}"),
             ("training steps", meta.get("step")),
             ("validation NLL", _bits(meta.get("valid_bits_per_sample"))),
-            ("training time", _duration(meta.get("wall_time_s"))),
+            (
+                "training time",
+                format_duration(meta["wall_time_s"]) if "wall_time_s" in meta else None,
+            ),
             ("trained on device", meta.get("device")),
             ("device in use", str(generator.device)),
         ]
@@ -208,10 +212,6 @@ class Models:
 
 def _bits(value: float | None) -> str | None:
     return None if value is None else f"{value:.3f} bits per sample"
-
-
-def _duration(seconds: float | None) -> str | None:
-    return None if seconds is None else f"{seconds / 60:.1f} min"
 
 
 def wav_bytes(audio: np.ndarray, sample_rate: int) -> bytes:

@@ -14,6 +14,7 @@ from safetensors.torch import load_file, save_file
 
 from sashimi import evaluate, render
 from sashimi.checkpoint import load_checkpoint
+from sashimi.cli import format_duration
 from train.__main__ import main as train_main
 
 # The tiny preset on 256-sample windows, validating and saving every 2 steps.
@@ -167,3 +168,27 @@ def test_training_on_a_full_disk_stops_with_one_line_and_leaves_no_half_save(
     if (out / "last").exists():
         assert "--resume" in line
         assert train_main(["--out", str(out), "--resume", "--steps", "20"]) == 1  # still full
+
+
+@pytest.mark.parametrize(
+    "seconds, shown", [(0, "0.0 min"), (750, "12.5 min"), (3599, "60.0 min"), (6912, "1.92 h")]
+)
+def test_durations_read_in_minutes_under_an_hour_and_hours_from_there(seconds, shown):
+    assert format_duration(seconds) == shown
+
+
+def test_a_window_that_the_pooling_does_not_divide_names_the_lengths_that_work(
+    audio_folder, tmp_path, capsys
+):
+    """tiny pools by 4 twice: 250 samples would leave a tier a partial step."""
+    args = f"--data {audio_folder} --out {tmp_path / 'run'} {TRAIN} --steps 2".split()
+    args[args.index("--seq-len") + 1] = "250"
+    with pytest.raises(SystemExit) as exit_:
+        train_main(args)
+    assert exit_.value.code == 2
+    error = capsys.readouterr().err.strip()
+    assert error == (
+        "python -m train: error: seq_len 250 is not a multiple of the total pooling 16 "
+        "(pool=(4, 4)); crop or pad to 240 or 256"
+    )
+    assert not (tmp_path / "run" / "last").exists()

@@ -47,6 +47,7 @@ from sashimi.checkpoint import (
     save_checkpoint,
     tensor_bytes,
 )
+from sashimi.cli import format_duration
 from sashimi.data import (
     AudioFolder,
     cut_windows,
@@ -289,14 +290,10 @@ def resume_configs(out: str | Path) -> tuple[SaShiMiConfig, TrainConfig]:
     return read_config(last), settings
 
 
-def _duration(seconds: float) -> str:
-    return f"{seconds / 3600:.2f} h" if seconds >= 3600 else f"{seconds / 60:.1f} min"
-
-
 def write_card(directory: Path, config: SaShiMiConfig, metadata: dict) -> None:
     """card.md: what a person needs to know about this checkpoint, from what the trainer knows.
     `directory` is a folder being written by replace_folder, so plain writes are safe."""
-    audio = _duration(metadata["train_audio_hours"] * 3600)
+    audio = format_duration(metadata["train_audio_hours"] * 3600)
     processes = f"{metadata['world_size']} process" + ("es" if metadata["world_size"] > 1 else "")
     bits = metadata["valid_bits_per_sample"]
     valid = (
@@ -328,7 +325,7 @@ def write_card(directory: Path, config: SaShiMiConfig, metadata: dict) -> None:
 pool {list(config.pool)}, expand {config.expand}, S4 kernel {config.kernel} (N = {config.d_state}) |
 | parameters | {metadata["num_parameters"]:,} |
 | training | {metadata["step"]:,} steps of {metadata["batch_size"]} x {metadata["seq_len"]:,} \
-samples per process, {processes}, {_duration(metadata["wall_time_s"])} on {metadata["device"]} |
+samples per process, {processes}, {format_duration(metadata["wall_time_s"])} on {metadata["device"]} |
 | validation | {valid} |
 {labels}
 Reproduce:
@@ -543,12 +540,7 @@ def train(
         if cfg.valid_data is not None:
             valid_folder.save_manifest(run_dir / "manifest_valid.json")
         log.info(json.dumps({"model": config.to_dict(), "train": cfg.to_dict()}, indent=2))
-    if cfg.seq_len % config.total_pool:
-        q, L = config.total_pool, cfg.seq_len
-        raise ValueError(
-            f"seq_len {L} is not a multiple of the total pooling {q} (pool={config.pool}); "
-            f"use {max(q, L // q * q)} or {(L // q + 1) * q}"
-        )
+    config.check_length(cfg.seq_len, "seq_len")
     windows = cut_windows(train_clips, cfg.seq_len, min_samples)
     valid_windows = cut_windows(valid_clips, cfg.seq_len)
     valid_tokens = encode_windows(valid_clips, valid_windows, config.quantization, config.n_classes)
