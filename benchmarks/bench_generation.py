@@ -2,14 +2,15 @@
 
 Measured, per device (CPU, and CUDA when present) and batch size:
   engine        Generator.generate, the path the CLI and the UI use: on the CPU the fused step
-                (sashimi/fast_step.py: the whole step and its sampling in one compiled routine);
-  torch_engine  the same with Generator.fused = False: SaShiMi.step_ plus Sampler, today's engine
-                before the fused step (and the engine on CUDA);
-  functional    the functional SaShiMi.step (new state every sample), same settings, no sampling;
+                (sashimi/fast_step/fused.py: the whole step and its sampling in one compiled
+                routine);
+  torch_engine  the same with Generator.fused = False: TorchStep (SaShiMi.step) plus Sampler,
+                the engine on CUDA (there with its CUDA graph);
+  functional    SaShiMi.step alone (a new state every sample), same settings, no sampling;
   naive         recompute the convolution-mode forward over the whole context for every new
                 sample (what a model without a recurrent mode does), at a short length;
-and on the CPU, up to batch 16, the settings behind generate.fast_step_settings (threads, oneDNN)
-for step_ alone, taking turns. Next to the rates: the arithmetic of one step (multiply-adds per
+and on the CPU, up to batch 16, the settings behind fast_step.step_settings (threads, oneDNN)
+for SaShiMi.step alone, taking turns. Next to the rates: the arithmetic of one step (multiply-adds per
 clip, weight and state bytes it touches, as averages over the multi-rate schedule) and the rate
 of multiply-adds the engine reaches; with --compile, what the fused step's numba compile costs
 the first time (empty cache) and after (cache on disk), each in a fresh process.
@@ -43,11 +44,10 @@ import torch  # noqa: E402
 
 from sashimi import SaShiMi, SaShiMiConfig  # noqa: E402
 from sashimi.checkpoint import load_checkpoint  # noqa: E402
-from sashimi.generate import Generator, fast_step_settings  # noqa: E402
+from sashimi.fast_step import step_settings  # noqa: E402
+from sashimi.generate import Generator  # noqa: E402
 from sashimi.model import Stack  # noqa: E402
 
-# The reference SaShiMi on a 2-core CPU like ours (/work/shared/REFERENCE_NOTES.md), steps/s.
-REFERENCE_CPU = {"fast_inexact": {"1": 298, "16": 107}, "exact": {"1": 181, "16": 74}}
 TARGET_CPU = {"1": 1500, "16": 1000}
 # Issue 11, one core: the shipped model (checkpoints/fsdd) at batch 1, sc09 at batch 1 and 16.
 TARGET_FUSED_CPU = {"checkpoints/fsdd": {"1": 24_000}, "sc09": {"1": 4_000, "16": 1_000}}
@@ -167,7 +167,7 @@ print(json.dumps({"wall": time.perf_counter() - start_wall, "cpu": time.process_
 def compile_cost() -> dict:
     """Seconds a fresh process takes from a built model to its first fused steps (one plain, one
     period with sampling): with an empty numba cache (the first use on a machine), then with the
-    cache that run left (every later use). One compile serves every model (fast_step.py)."""
+    cache that run left (every later use). One compile serves every model (fast_step/fused.py)."""
     cost = {}
     with tempfile.TemporaryDirectory() as cache:
         for name in ("first_use_s", "cached_s"):
@@ -183,8 +183,8 @@ def compile_cost() -> dict:
     return cost
 
 
-def step_loop(model: SaShiMi, batch: int, steps: int, in_place: bool, settings):
-    """A run of `steps` model.step_ (in place) or model.step (functional) calls, no sampling."""
+def step_loop(model: SaShiMi, batch: int, steps: int, settings):
+    """A run of `steps` model.step calls, no sampling."""
     device = model.head.weight.device
     token = torch.full((batch,), model.start_token, device=device)
 
@@ -192,10 +192,7 @@ def step_loop(model: SaShiMi, batch: int, steps: int, in_place: bool, settings):
         with settings():
             state = model.initial_state(batch)
             for _ in range(steps):
-                if in_place:
-                    model.step_(token, state)
-                else:
-                    _, state = model.step(token, state)
+                _, state = model.step(token, state)
             if device.type == "cuda":
                 torch.cuda.synchronize()
 
@@ -237,21 +234,21 @@ def cpu_settings(threads: int, onednn: bool):
 
 
 def profile_step(model: SaShiMi, batch: int, steps: int) -> dict:
-    """Where a step_ spends its time: aten ops by self CPU time, and the share left to Python."""
+    """Where a torch step spends its time: aten ops by self CPU time, and the share left to Python."""
     from torch.profiler import ProfilerActivity, profile
 
     token = torch.full((batch,), model.start_token)
-    with fast_step_settings(torch.device("cpu")):
+    with step_settings(torch.device("cpu")):
         state = model.initial_state(batch)
         for _ in range(steps):  # warm-up
-            model.step_(token, state)
+            _, state = model.step(token, state)
         start = time.perf_counter()
         for _ in range(steps):
-            model.step_(token, state)
+            _, state = model.step(token, state)
         plain_us = (time.perf_counter() - start) / steps * 1e6
         with profile(activities=[ProfilerActivity.CPU]) as prof:
             for _ in range(steps):
-                model.step_(token, state)
+                _, state = model.step(token, state)
     events = prof.key_averages()
     self_us = sum(e.self_cpu_time_total for e in events) / steps
     top = sorted(events, key=lambda e: e.self_cpu_time_total, reverse=True)[:12]
@@ -343,7 +340,6 @@ def main(argv: list[str] | None = None) -> int:
         "cpu": platform.processor() or platform.machine(),
         "repeats": args.repeats,
         "arithmetic_per_step": work,
-        "reference_cpu_steps_per_s": REFERENCE_CPU,
         "target_cpu_steps_per_s": TARGET_FUSED_CPU.get(name, TARGET_CPU),
         "load_average_1min_before": round(os.getloadavg()[0], 2),
         "results": [],
@@ -354,7 +350,7 @@ def main(argv: list[str] | None = None) -> int:
         engine = Generator(model, device=device)
         torch_engine = Generator(model, device=device)
         torch_engine.fused = False
-        settings = functools.partial(fast_step_settings, engine.device)
+        settings = functools.partial(step_settings, engine.device)
         for batch in args.batch_sizes:
             # size each repeat from a quick probe so that each measurement takes about --seconds
             steps = {"engine": steps_for(engine, batch, args.seconds, args.min_audio)}
@@ -367,7 +363,7 @@ def main(argv: list[str] | None = None) -> int:
                 )
             steps["functional"] = max(1, steps.get("torch_engine", steps["engine"]) // 4)
             runs["functional"] = (
-                step_loop(model, batch, steps["functional"], False, settings),
+                step_loop(model, batch, steps["functional"], settings),
                 steps["functional"],
             )
             rates = median_rates(runs, args.repeats)
@@ -406,7 +402,7 @@ def main(argv: list[str] | None = None) -> int:
                 settings_runs = {
                     f"threads={threads},onednn={onednn}": (
                         step_loop(
-                            model, batch, n, True, functools.partial(cpu_settings, threads, onednn)
+                            model, batch, n, functools.partial(cpu_settings, threads, onednn)
                         ),
                         n,
                     )

@@ -2,9 +2,9 @@
 
 A step is what train/loop.py does: forward, NLL in bits, backward, gradient clipping, AdamW with
 the S4 parameter groups. Each configuration runs in a fresh subprocess, so its peak resident memory
-(ru_maxrss) is its own. The SaShiMi sc09 model at batch 1 x 16,000 is the figure to compare with
-the reference implementation (255 samples/s and 10.6 GB with its DPLR kernel, 638 samples/s and
-6.0 GB with S4D, on this 2-core machine); batch 1 x 4,000 in the same run is the baseline.
+(ru_maxrss) is its own. The sc09 model at batch 1 x 16,000 is the figure to set beside the official
+SaShiMi implementation (github.com/state-spaces/s4, `sashimi/` standalone, run the same way on the
+same machine; the README quotes it); batch 1 x 4,000 in the same run is the baseline.
 
     python benchmarks/bench_train.py                   # prints one JSON object
     python benchmarks/bench_train.py --steps 5 --configs sc09:diagonal:1:16000
@@ -120,10 +120,6 @@ def main() -> None:
                 "timed_steps": args.steps,
                 "results": results,
                 "baseline": BASELINE,
-                "reference_sc09_1x16000": {
-                    "dplr": {"samples_per_s": 255, "peak_gb": 10.6},
-                    "s4d": {"samples_per_s": 638, "peak_gb": 6.0},
-                },
             },
             indent=2,
         )

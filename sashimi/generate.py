@@ -2,8 +2,8 @@
 
 A model trained in convolution mode generates as an RNN, in constant time and memory per sample:
 
-    logits, state = model.prime([start] + prompt)   # no prompt: step_(start, initial_state(B))
-    repeat:  token ~ softmax(logits / T) cut by top-k / top-p;   logits = model.step_(token, state)
+    logits, state = model.prime([start] + prompt)   # no prompt: step(start, initial_state(B))
+    repeat:  token ~ softmax(logits / T) cut by top-k / top-p;   logits, state = model.step(token, state)
 
 A labelled model can be guided (classifier-free guidance, Ho & Salimans 2021, here per sample of
 an autoregressive model): each clip runs as two rows of one batch, one with its labels and one
@@ -14,8 +14,9 @@ with every field unknown, both fed the clip's tokens, and sampling reads
 w = 1 is the labelled model as trained (and runs one row per clip); w > 1 pushes towards what
 makes the labels likelier.
 
-`SaShiMi.step_` runs the outer tier every sample and tier i every prod(pool[:i]) samples, from
-discrete parameters computed once in the state, overwriting the state in place.
+The step runs the outer tier every sample and tier i every prod(pool[:i]) samples, from discrete
+parameters computed once in the state; it is sashimi/fast_step's: on the CPU one compiled routine
+per sample (FusedStep), elsewhere model.step (TorchStep), on CUDA replayed as a graph.
 
 Sampling is Gumbel-max: argmax(logits / T + g), with g = -log(-log U) for U uniform on (0, 1), is a
 draw from softmax(logits / T). The noise is drawn ahead in blocks, clip r of a batch from its own
@@ -24,11 +25,9 @@ torch.Generator seeded `seed + r`: the same seed gives the same clip whatever th
 per-sample loop, so a CUDA graph can replay it.
 """
 
-import contextlib
 import logging
 import math
 import sys
-import threading
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
@@ -39,9 +38,9 @@ from tqdm import tqdm
 
 from .audio import decode, encode
 from .checkpoint import DEFAULT_CHECKPOINT, is_checkpoint, load_checkpoint
-from .fast_step import FusedStep
+from .fast_step import FusedStep, PeriodGraph, TorchStep, step_settings
 from .labels import UNKNOWN, Labels, check_labels, label_tensor
-from .model import IGNORE_INDEX, SaShiMi, SaShiMiState, nll_bits, shift_inputs
+from .model import IGNORE_INDEX, SaShiMi, nll_bits, shift_inputs
 
 log = logging.getLogger(__name__)
 
@@ -198,52 +197,6 @@ def _float_or_column(values: list[float], device: torch.device) -> float | Tenso
     return torch.tensor(values, device=device)[:, None]
 
 
-class _CpuStepSettings:
-    """One thread and no oneDNN while any generation runs on the CPU; the previous settings back
-    when the last one ends. Both are process-wide, so concurrent generations (the web UI's
-    --concurrency) share one switch: the first to start sets it, the last to finish restores it."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._users = 0
-        self._saved: tuple[int, bool] = (1, True)
-
-    @contextlib.contextmanager
-    def __call__(self) -> Iterator[None]:
-        with self._lock:
-            if self._users == 0:
-                self._saved = (torch.get_num_threads(), torch.backends.mkldnn.enabled)
-                torch.set_num_threads(1)
-                torch.backends.mkldnn.enabled = False
-            self._users += 1
-        try:
-            yield
-        finally:
-            with self._lock:
-                self._users -= 1
-                if self._users == 0:
-                    torch.set_num_threads(self._saved[0])
-                    torch.backends.mkldnn.enabled = self._saved[1]
-
-
-_cpu_step_settings = _CpuStepSettings()
-
-
-@contextlib.contextmanager
-def fast_step_settings(device: torch.device) -> Iterator[None]:
-    """Inference mode, plus on the CPU the settings that measured fastest for the per-sample step
-    (benchmarks/bench_generation.py, sc09, 2 cores): one thread, since two threads synchronise
-    around every small op (1.5x fewer steps/s at batch 1, 7-25x fewer at batch 16), and no oneDNN,
-    whose GELU on a few hundred floats costs 10-25 us against 3-4 us (1.2x the steps/s at batch 1
-    without it)."""
-    with torch.inference_mode():
-        if device.type != "cpu":
-            yield
-            return
-        with _cpu_step_settings():
-            yield
-
-
 class Generator:
     """Samples audio from a SaShiMi model: batched, seeded, primed from a prompt, streamed.
 
@@ -258,15 +211,15 @@ class Generator:
         self.config = model.config
         self.sample_rate = self.config.sample_rate
         self.metadata = metadata if metadata is not None else {}
-        # The one choice of how to step: on the CPU the fused step (sashimi/fast_step.py, one
-        # compiled routine per sample with its sampling), elsewhere torch's step_, which a CUDA
+        # The one choice of how to step: on the CPU the fused step (sashimi/fast_step, one
+        # compiled routine per sample with its sampling), elsewhere torch's step, which a CUDA
         # graph replays. Set fused = False to generate with torch's step on the CPU too.
         self.fused = self.device.type == "cpu"
         log.info(
             "generation steps with %s",
-            "the fused CPU step (sashimi/fast_step.py)"
+            "the fused CPU step (sashimi/fast_step/fused.py)"
             if self.fused
-            else f"torch's step_: the fused step is CPU code and this is {self.device.type}",
+            else f"torch's step: the fused step is CPU code and this is {self.device.type}",
         )
 
     @classmethod
@@ -320,10 +273,10 @@ class Generator:
         prompt: np.ndarray | None = None,
         labels: Tensor | None = None,
         guidance: float = 1.0,
-    ) -> tuple[Tensor, SaShiMiState, "GuidedStep | FusedStep"]:
-        """The logits for the first new sample (batch, n_classes), the state to step on from, and
-        the step that advances it (two rows per clip when guided): a FusedStep, which steps a
-        copy of the state, when self.fused, else a GuidedStep, which steps the state itself.
+    ) -> tuple[Tensor, "TorchStep | FusedStep"]:
+        """The logits for the first new sample (batch, n_classes) and the step that goes on from
+        there, holding the state (two rows per clip when guided): a FusedStep when self.fused,
+        else a TorchStep.
 
         No prompt: one step on the start token. A prompt: one parallel pass over [start] + prompt
         (model.prime), once for an unlabelled model and its state then copied to each clip, or
@@ -333,13 +286,14 @@ class Generator:
         if labels is not None and guidance != 1:
             labels = torch.cat([labels, torch.full_like(labels, UNKNOWN)])
         rows = batch_size if labels is None else labels.shape[0]
-        stepper = FusedStep if self.fused else GuidedStep
-        with fast_step_settings(self.device):
+        stepper = FusedStep if self.fused else TorchStep
+        with step_settings(self.device):
             if prompt is None:
-                state = self.model.initial_state(rows, labels)
-                step = stepper(self.model, state, batch_size, guidance)
+                step = stepper(
+                    self.model, self.model.initial_state(rows, labels), batch_size, guidance
+                )
                 start = torch.full((batch_size,), self.model.start_token, device=self.device)
-                return step(start), state, step
+                return step(start), step
             start = torch.tensor([self.model.start_token], device=self.device)
             tokens = torch.cat([start, self.prompt_tokens(prompt)])[None]
             if labels is None:
@@ -350,7 +304,7 @@ class Generator:
                 logits, state = self.model.prime(tokens.expand(rows, -1), labels)
                 logits = logits[:, -1]
             step = stepper(self.model, state, batch_size, guidance)
-            return step.combine(logits), state, step
+            return step.combine(logits), step
 
     # --- generation ------------------------------------------------------------------------------
 
@@ -391,12 +345,12 @@ class Generator:
         chunk_size = chunk_size or max(1, round(CHUNK_SECONDS * self.sample_rate))
         period = self.config.total_pool  # the multi-rate schedule repeats every `period` samples
         rows = self.label_rows(labels, batch_size)
-        logits, state, step = self.start(batch_size, prompt, rows, guidance)
+        logits, step = self.start(batch_size, prompt, rows, guidance)
         sampler = Sampler(
             batch_size, self.config.n_classes, period, self.device, seed, temperature, top_k, top_p
         )
-        position = state.tiers[0].position if state.tiers else 0  # samples the model has read
-        graph = _PeriodGraph(step, sampler, period) if self.device.type == "cuda" else None
+        position = 1 if prompt is None else 1 + len(prompt)  # tokens read: start (+ prompt)
+        graph = PeriodGraph(step, sampler, period) if self.device.type == "cuda" else None
         done = 0
         with tqdm(
             total=num_samples, unit="sample", disable=not show_progress, file=sys.stderr
@@ -408,7 +362,7 @@ class Generator:
                     dtype=torch.long,
                     device=self.device,
                 )
-                with fast_step_settings(self.device):
+                with step_settings(self.device):
                     j = 0
                     while j < tokens.shape[1]:
                         # a run ends where the schedule restarts: a full one can be a graph replay
@@ -439,10 +393,10 @@ class Generator:
     def _run(
         k: int,
         logits: Tensor,
-        step: "GuidedStep | FusedStep",
+        step: "TorchStep | FusedStep",
         sampler: Sampler,
         out: Tensor,
-        graph: "_PeriodGraph | None",
+        graph: "PeriodGraph | None",
     ) -> Tensor:
         """k steps: draw a class per clip into out[:, j], step on it. Returns the next logits."""
         if isinstance(step, FusedStep):  # the draws and steps in one compiled call
@@ -485,81 +439,3 @@ class Generator:
             logits = self.model(inputs, rows)
             bits = nll_bits(logits, targets, reduction="none")  # (batch, padded), 0 if ignored
         return (bits.sum(1) / L).float().cpu().numpy()
-
-
-class GuidedStep:
-    """model.step_ for `batch` clips on a state of `batch` rows, or of 2 batch rows when guided:
-    rows [0, batch) hold the clips' labels, rows [batch, 2 batch) every field unknown, and both
-    halves read the clip's token. Returns logits (batch, n_classes) to sample from."""
-
-    def __init__(self, model: SaShiMi, state: SaShiMiState, batch: int, guidance: float):
-        self.model, self.state, self.batch, self.guidance = model, state, batch, guidance
-        self.guided = state.rows() != batch
-
-    def combine(self, logits: Tensor) -> Tensor:
-        """(rows, n_classes) -> (batch, n_classes): l_unknown + w (l_given - l_unknown)."""
-        if not self.guided:
-            return logits
-        return torch.lerp(logits[self.batch :], logits[: self.batch], self.guidance)
-
-    def __call__(self, token: Tensor) -> Tensor:
-        rows = token.repeat(2) if self.guided else token
-        return self.combine(self.model.step_(rows, self.state))
-
-
-class _PeriodGraph:
-    """CUDA only: one period of the schedule (total_pool steps with their sampling), captured once
-    as a CUDA graph and replayed, so a period costs one launch instead of thousands of small ones.
-
-    The first full period runs eagerly as a warm-up (it loads the kernels); the second is captured.
-    Capture records the kernels without running them, but it runs the Python side: the tier
-    positions advance by a whole period, which leaves every tier at the phase it had. The graph
-    reads and writes fixed tensors only: its logits and token buffers, the sampler's noise block
-    and the state, which step_ overwrites in place.
-    """
-
-    def __init__(self, step: GuidedStep, sampler: Sampler, period: int):
-        self.step, self.state, self.sampler, self.period = step, step.state, sampler, period
-        self.graph: torch.cuda.CUDAGraph | None = None
-        self.warmed_up = self.failed = False
-
-    def replay(self, logits: Tensor, out: Tensor) -> Tensor | None:
-        """One period into out (batch, period); the next logits, or None if the caller must step
-        (while warming up, or after a failed capture)."""
-        if self.failed:
-            return None
-        if self.graph is None:
-            if not self.warmed_up:
-                self.warmed_up = True
-                return None
-            self._capture(logits)
-            if self.failed:
-                return None
-        self.logits.copy_(logits)
-        self.graph.replay()
-        out.copy_(self.tokens)
-        return self.logits
-
-    def _capture(self, logits: Tensor) -> None:
-        self.logits = logits.clone()
-        self.tokens = torch.empty(
-            logits.shape[0], self.period, dtype=torch.long, device=logits.device
-        )
-        schedule = [(tier.position, tier.pending) for tier in self.state.tiers]
-        graph = torch.cuda.CUDAGraph()
-        try:
-            torch.cuda.synchronize()
-            with torch.cuda.graph(graph):
-                next_logits = self.logits
-                for j in range(self.period):
-                    token = self.sampler(next_logits, j)
-                    self.tokens[:, j] = token
-                    next_logits = self.step(token)
-                self.logits.copy_(next_logits)
-        except RuntimeError as error:  # keep generating step by step, and say why
-            log.warning("CUDA graph capture failed; stepping without graphs: %s", error)
-            for tier, (position, pending) in zip(self.state.tiers, schedule, strict=True):
-                tier.position, tier.pending = position, pending
-            self.failed = True
-            return
-        self.graph = graph

@@ -245,54 +245,6 @@ class Residual(nn.Module):
         return x + self.dropout(self.layer(self.layer_input(x, label_bias)))
 
 
-@dataclass(frozen=True)
-class BlockStep:
-    """One [Residual(S4), Residual(FeedForward)] pair as plain tensors, for the in-place `step_`.
-
-    At one sample per call the step is bound by per-call overhead, not arithmetic. Reading weights
-    from tensors skips nn.Module calls; with the state written in place and the SSM on real pairs
-    (DiagonalStep.step_), sc09 makes 1.6x (batch 1) to 3.6x (batch 64) the steps/s of the
-    functional step on CPU (benchmarks/bench_generation.py). Built from the current weights
-    whenever a state is made.
-    """
-
-    ssm: DiagonalStep | DPLRStep  # discrete SSM parameters (the functional step uses these too)
-    eps: float  # LayerNorm epsilon
-    s4_norm: tuple[Tensor, Tensor]  # LayerNorm (weight, bias) before the S4 layer
-    s4_out: tuple[Tensor, Tensor]  # S4 output linear H -> 2H (weight, bias), before the GLU
-    ff_norm: tuple[Tensor, Tensor]
-    ff_in: tuple[Tensor, Tensor]  # feed-forward H -> ff H
-    ff_out: tuple[Tensor, Tensor]  # feed-forward ff H -> H
-
-    @staticmethod
-    def of(s4_block: "Residual", ff_block: "Residual") -> "BlockStep":
-        def weights(module: nn.Module) -> tuple[Tensor, Tensor]:
-            return module.weight.detach(), module.bias.detach()
-
-        ff_in, ff_out = ff_block.layer.net[0], ff_block.layer.net[-1]
-        return BlockStep(
-            s4_block.layer.step_parameters(),
-            s4_block.norm.eps,
-            weights(s4_block.norm),
-            weights(s4_block.layer.output_linear),
-            weights(ff_block.norm),
-            weights(ff_in),
-            weights(ff_out),
-        )
-
-    def step_(self, h: Tensor, x: Tensor, label_bias: Tensor | None = None) -> Tensor:
-        """h (batch, H) -> (batch, H), updating this pair's SSM state x in place (inference: no dropout).
-
-        The same arithmetic as Residual(S4).forward then Residual(FeedForward).forward at one sample.
-        """
-        H = h.shape[-1:]
-        u = F.layer_norm(h, H, *self.s4_norm, self.eps)
-        y = self.ssm.step_(u if label_bias is None else u + label_bias, x)
-        h = h + F.glu(F.linear(F.gelu(y), *self.s4_out), dim=-1)
-        z = F.layer_norm(h, H, *self.ff_norm, self.eps)
-        return h + F.linear(F.gelu(F.linear(z, *self.ff_in)), *self.ff_out)
-
-
 def _block_pair(
     s4_block: Residual, ff_block: Residual, x: Tensor, label_bias: Tensor | None
 ) -> Tensor:
@@ -301,18 +253,18 @@ def _block_pair(
 
 @dataclass(frozen=True)
 class StackState:
-    """Recurrent state of one Stack: each S4 layer's x, each block's step weights, and each S4
-    block's label bias c_k (the last two fixed for a run)."""
+    """Recurrent state of one Stack: each S4 layer's x, and, fixed for a run, each layer's
+    discrete parameters (computed once from the weights) and its label bias c_k."""
 
     x: tuple[Tensor, ...]  # per S4 layer: (batch, H, N/2) complex
-    blocks: tuple[BlockStep, ...]
+    ssm: tuple[DiagonalStep | DPLRStep, ...]  # per S4 layer: A_bar, B_bar, C, D, ...
     label_bias: tuple[Tensor, ...] | None = None  # per S4 layer: (batch, H); None: no labels
 
     def for_batch(self, batch: int) -> "StackState":
         label_bias = self.label_bias
         if label_bias is not None:
             label_bias = tuple(_repeat_clip(c, batch) for c in label_bias)
-        return StackState(tuple(_repeat_clip(x, batch) for x in self.x), self.blocks, label_bias)
+        return StackState(tuple(_repeat_clip(x, batch) for x in self.x), self.ssm, label_bias)
 
     def biases(self) -> tuple[Tensor | None, ...]:
         return _per_layer(self.label_bias, len(self.x))
@@ -324,7 +276,7 @@ def _per_layer(label_bias: tuple[Tensor, ...] | None, n_layers: int) -> tuple[Te
 
 
 def _repeat_clip(t: Tensor, batch: int) -> Tensor:
-    """(1, ...) -> (batch, ...), a copy of its own: step_ writes into it."""
+    """(1, ...) -> (batch, ...), a copy of its own."""
     return t.expand(batch, *t.shape[1:]).clone()
 
 
@@ -388,37 +340,28 @@ class Stack(nn.Module):
             c = None if c is None else c[:, None]
             states.append(s4_block.layer.final_state(s4_block.layer_input(x, c)))
             x = ff_block(s4_block(x, c))
-        return x, StackState(tuple(states), self._block_steps(), label_bias)
+        return x, StackState(tuple(states), self._ssm_steps(), label_bias)
 
-    def _block_steps(self) -> tuple[BlockStep, ...]:
-        return tuple(
-            BlockStep.of(s4, ff) for s4, ff in zip(self.s4_blocks, self.ff_blocks, strict=True)
-        )
+    def _ssm_steps(self) -> tuple[DiagonalStep | DPLRStep, ...]:
+        return tuple(block.layer.step_parameters() for block in self.s4_blocks)
 
     def initial_state(self, batch: int, e: Tensor | None = None) -> StackState:
         return StackState(
             tuple(b.layer.initial_state(batch) for b in self.s4_blocks),
-            self._block_steps(),
+            self._ssm_steps(),
             self.label_biases(e),
         )
 
     def step(self, x: Tensor, state: StackState) -> tuple[Tensor, StackState]:
         """One step: x (batch, H) -> (batch, H)."""
         new_x = []
-        for s4_block, ff_block, ssm_x, block, c in zip(
-            self.s4_blocks, self.ff_blocks, state.x, state.blocks, state.biases(), strict=True
+        for s4_block, ff_block, ssm_x, ssm, c in zip(
+            self.s4_blocks, self.ff_blocks, state.x, state.ssm, state.biases(), strict=True
         ):
-            y, ssm_x = s4_block.layer.step(s4_block.layer_input(x, c), ssm_x, block.ssm)
+            y, ssm_x = s4_block.layer.step(s4_block.layer_input(x, c), ssm_x, ssm)
             x = ff_block(x + s4_block.dropout(y))
             new_x.append(ssm_x)
-        return x, StackState(tuple(new_x), state.blocks, state.label_bias)
-
-    @staticmethod
-    def step_(x: Tensor, state: StackState) -> Tensor:
-        """As step, updating state.x in place: x (batch, H) -> (batch, H)."""
-        for ssm_x, block, c in zip(state.x, state.blocks, state.biases(), strict=True):
-            x = block.step_(x, ssm_x, c)
-        return x
+        return x, StackState(tuple(new_x), state.ssm, state.label_bias)
 
 
 class DownPool(nn.Module):
@@ -459,14 +402,13 @@ class UpPool(nn.Module):
         return y.flatten(1, 2)  # (batch, L, H)
 
 
-@dataclass
+@dataclass(frozen=True)
 class TierState:
     """Recurrent state of one pooled tier (all but the centre).
 
     The tier has read `position` steps. Its current group's inputs wait in `pending` until p of them
     are there; then they are pooled and the inner tier steps once, and its projection becomes
     `upsampled`, the p outputs the next group reads (zeros for the first group: the UpPool shift).
-    Not frozen: `SaShiMi.step_` advances these fields in place; `step` builds a new TierState.
     """
 
     position: int
@@ -644,33 +586,6 @@ class SaShiMi(nn.Module):
             upsampled, pending = self.up_pools[i].project(inner), ()
         tier = TierState(tier.position + 1, pending, upsampled, stack)
         return h + y, tiers[:i] + (tier,) + tiers[i + 1 :], center
-
-    @torch.no_grad()
-    def step_(self, token: Tensor, state: SaShiMiState) -> Tensor:
-        """As step, for generation: updates `state` in place and returns the logits (batch, n_classes).
-
-        The same multi-rate schedule, with the S4/feed-forward pairs run from plain tensors
-        (BlockStep.step_). Every state tensor is overwritten where it is, so its address never
-        changes, as a CUDA graph replaying steps needs. Inference only (no dropout, no autograd);
-        use it on a state you own, e.g. fresh from initial_state or prime.
-        """
-        return self.head(self.norm(self._step_tier_(0, self.embedding(token), state)))
-
-    def _step_tier_(self, i: int, x: Tensor, state: SaShiMiState) -> Tensor:
-        """Tier i reads one step x (batch, H_i) in place; see _step_tier."""
-        if i == len(state.tiers):
-            return x + Stack.step_(x, state.center)
-        tier = state.tiers[i]
-        p = self.config.pool[i]
-        h = tier.upsampled[:, tier.position % p] + x  # UpPool output + U-Net skip
-        y = Stack.step_(h, tier.stack)
-        tier.position += 1
-        tier.pending += (x,)
-        if len(tier.pending) == p:  # group complete: pool it and step the inner tier once
-            inner = self.down_pools[i].linear(torch.cat(tier.pending, dim=-1))
-            tier.upsampled.copy_(self.up_pools[i].project(self._step_tier_(i + 1, inner, state)))
-            tier.pending = ()
-        return h + y
 
     @torch.no_grad()
     def prime(self, tokens: Tensor, labels: Tensor | None = None) -> tuple[Tensor, SaShiMiState]:

@@ -14,7 +14,7 @@ conjugates implicitly, so outputs read y = 2 Re(C x) and Cauchy sums run over bo
 """
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -314,31 +314,12 @@ class DiagonalStep:
     B_bar: Tensor  # (H, N/2) complex
     C: Tensor  # (H, N/2) complex
     D: Tensor  # (H,)
-    # For step_, which works on x as (re, im) pairs of floats: B_bar the same way, and 2 C as a real
-    # row with <C_row, x as pairs> = 2 Re(C x), i.e. (2 Re C_n, -2 Im C_n) interleaved.
-    B_bar_pairs: Tensor = field(init=False, repr=False)  # (H, N/2, 2)
-    C_row: Tensor = field(init=False, repr=False)  # (H, N)
-
-    def __post_init__(self):
-        object.__setattr__(self, "B_bar_pairs", torch.view_as_real(self.B_bar))
-        object.__setattr__(
-            self, "C_row", 2 * torch.view_as_real(self.C.conj().resolve_conj()).flatten(-2)
-        )
 
     def __call__(self, u: Tensor, x: Tensor) -> tuple[Tensor, Tensor]:
         """x_k = A_bar x_{k-1} + B_bar u_k,  y_k = 2 Re(C x_k) + D u_k.   u (batch, H), x (batch, H, N/2)."""
         x = self.A_bar * x + self.B_bar * u[..., None]
         y = 2 * torch.einsum("bhn,hn->bh", x, self.C).real + self.D * u
         return y, x
-
-    def step_(self, u: Tensor, x: Tensor) -> Tensor:
-        """As __call__, but x is updated in place and only y is returned. The input and output terms
-        run on x viewed as real pairs: a real u times complex B_bar would first cast u to complex,
-        and the einsum would permute, which together cost more than the state update itself."""
-        x.mul_(self.A_bar)
-        x_pairs = torch.view_as_real(x)  # (batch, H, N/2, 2)
-        x_pairs.addcmul_(self.B_bar_pairs, u[..., None, None])
-        return torch.addcmul(torch.linalg.vecdot(x_pairs.flatten(-2), self.C_row), self.D, u)
 
 
 @dataclass(frozen=True)
@@ -370,12 +351,6 @@ class DPLRStep:
         x = Ev - self.EP_scaled * (2 * (Ev * P_conj).sum(-1, keepdim=True).real)
         y = 2 * torch.einsum("bhn,hn->bh", x, self.C).real + self.D * u
         return y, x
-
-    def step_(self, u: Tensor, x: Tensor) -> Tensor:
-        """As __call__, writing the new state into x and returning y."""
-        y, x_new = self(u, x)
-        x.copy_(x_new)
-        return y
 
 
 # --- the layer -----------------------------------------------------------------------------------

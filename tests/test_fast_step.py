@@ -1,11 +1,13 @@
-"""The fused CPU step (sashimi/fast_step.py) against the reference: the functional SaShiMi.step,
-generate's Sampler and GuidedStep, over long runs, both kernels, several tiers and batches."""
+"""The fast paths (sashimi/fast_step/) against the reference: the fused CPU step against the
+functional SaShiMi.step, generate's Sampler and TorchStep, over long runs, both kernels, several
+tiers and batches; the CUDA graph against eager stepping where CUDA is; the CPU step settings."""
 
 import dataclasses
 import os
 import subprocess
 import sys
 import textwrap
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -13,8 +15,8 @@ import pytest
 import torch
 
 from sashimi import SaShiMi, SaShiMiConfig
-from sashimi.fast_step import FusedStep
-from sashimi.generate import Generator, GuidedStep, Sampler
+from sashimi.fast_step import FusedStep, PeriodGraph, TorchStep, step_settings
+from sashimi.generate import Generator, Sampler
 from sashimi.labels import UNKNOWN
 
 CPU = torch.device("cpu")
@@ -85,7 +87,7 @@ def test_fused_step_carries_label_biases_and_guides_as_generate_does():
     worst = 0.0
     with torch.no_grad():
         state = primed(model, batch, labels=rows)
-        reference = GuidedStep(model, state, batch, guidance)  # steps the state in place
+        reference = TorchStep(model, state, batch, guidance)
         fused = FusedStep(model, state, batch, guidance)
         assert fused.guided
         for t in range(tokens.shape[1]):
@@ -117,11 +119,11 @@ SAMPLING = {
 }
 
 
-def sample_with_torch(model, state, batch, sampler, start, periods, period):
+def sample_with_torch(model, state, batch, sampler, start, periods, period, guidance=1.0):
     """Generator's loop with its torch step: a step on the start token, then draw, step, repeat."""
-    step = GuidedStep(model, state, batch, 1.0)  # advances state in place
+    step = TorchStep(model, state, batch, guidance)
     logits = step(start)
-    out = torch.empty(batch, periods * period, dtype=torch.long)
+    out = torch.empty(batch, periods * period, dtype=torch.long, device=start.device)
     for p in range(periods):
         sampler.draw_noise(period)
         for j in range(period):
@@ -157,6 +159,43 @@ def test_fused_sampling_draws_the_engines_tokens_for_the_same_seed(sampling):
     torch.testing.assert_close(got, expected, rtol=0, atol=0)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="a CUDA graph needs a CUDA device")
+@pytest.mark.parametrize("labelled", [False, True], ids=["unlabelled", "guided"])
+def test_cuda_graph_replays_draw_the_tokens_of_eager_steps(labelled):
+    cuda = torch.device("cuda")
+    model = (labelled_model(pool=(2, 2)) if labelled else small_model(pool=(2, 2))).to(cuda)
+    batch, period, periods = 2, model.config.total_pool, 6
+    labels = torch.tensor([[1, 2], [3, UNKNOWN]] * 2, device=cuda) if labelled else None
+    guidance = 2.0 if labelled else 1.0
+    start = torch.full((batch,), model.start_token, device=cuda)
+
+    def sampler():
+        return Sampler(batch, model.config.n_classes, period, cuda, seed=7, temperature=0.9)
+
+    with step_settings(cuda):
+        state = model.initial_state(len(labels) if labelled else batch, labels)
+        expected = sample_with_torch(
+            model, state, batch, sampler(), start, periods, period, guidance
+        )
+        step = TorchStep(model, state, batch, guidance)
+        graph = PeriodGraph(step, sampler(), period)
+        draws = graph.sampler
+        logits = step(start)
+        got = torch.empty(batch, periods * period, dtype=torch.long, device=cuda)
+        for p in range(periods):
+            draws.draw_noise(period)
+            chunk = got[:, p * period : (p + 1) * period]
+            replayed = graph.replay(logits, chunk)
+            if replayed is None:  # the warm-up period runs eagerly
+                for j in range(period):
+                    chunk[:, j] = token = draws(logits, j)
+                    logits = step(token)
+            else:
+                logits = replayed
+    assert graph.graph is not None and not graph.failed  # periods 2.. were replays
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
+
+
 def test_compiles_without_a_writable_cache(tmp_path):
     """Where numba has no folder to cache in, functions still compile (in-process), with a
     warning. As root a read-only folder is still writable, so the cache paths are made to run
@@ -167,7 +206,7 @@ def test_compiles_without_a_writable_cache(tmp_path):
     (module / "uncached.py").write_text(
         textwrap.dedent(
             """
-            from sashimi.fast_step import _compiled
+            from sashimi.fast_step.fused import _compiled
 
             @_compiled
             def twice(x):
@@ -208,3 +247,38 @@ def test_generator_steps_fused_on_the_cpu_with_the_audio_of_torchs_step(labelled
     assert len(np.unique(fused)) > 20
     # the same classes, so the same decoded samples exactly (see the sampling test above)
     np.testing.assert_array_equal(fused, reference)
+
+
+def test_cpu_step_settings_hold_until_the_last_overlapping_generation_ends():
+    """Two generations in flight on two threads (the UI's --concurrency 2): the first to finish
+    must not give the second its threads and oneDNN back mid-run; the last restores them."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    first_in, second_in, first_out, checked = (threading.Event() for _ in range(4))
+    seen = {}
+
+    def first():
+        with step_settings(CPU):
+            first_in.set()
+            second_in.wait(10)
+        first_out.set()
+
+    def second():
+        first_in.wait(10)
+        with step_settings(CPU):
+            second_in.set()
+            first_out.wait(10)
+            seen["after_first"] = (torch.get_num_threads(), torch.backends.mkldnn.enabled)
+        checked.set()
+
+    try:
+        workers = [threading.Thread(target=first), threading.Thread(target=second)]
+        for worker in workers:
+            worker.start()
+        for worker in workers:
+            worker.join(20)
+        assert checked.is_set()
+        assert seen["after_first"] == (1, False)  # still the generation settings
+        assert (torch.get_num_threads(), torch.backends.mkldnn.enabled) == (2, True)
+    finally:
+        torch.set_num_threads(threads)

@@ -4,7 +4,6 @@ step, a plain softmax, and the Python objects that hold torch memory."""
 import dataclasses
 import gc
 import math
-import threading
 
 import numpy as np
 import pytest
@@ -12,7 +11,8 @@ import torch
 
 from sashimi import SaShiMi, SaShiMiConfig
 from sashimi.audio import decode, encode
-from sashimi.generate import Generator, Sampler, check_sampling, fast_step_settings, resolve_device
+from sashimi.fast_step import TorchStep, step_settings
+from sashimi.generate import Generator, Sampler, check_sampling, resolve_device
 from sashimi.model import IGNORE_INDEX, is_label_parameter, nll_bits, shift_inputs
 
 CPU = torch.device("cpu")
@@ -33,7 +33,7 @@ def greedy_decode_by_convolution(model: SaShiMi, tokens: torch.Tensor, steps: in
     """The naive oracle: rerun model(tokens) over the whole growing sequence for every new sample,
     padding it with silence to a multiple of total_pool (causal, so the padding changes nothing)."""
     q = model.config.total_pool
-    with fast_step_settings(CPU):  # one thread: this loop is 25 ms/forward instead of ~90 ms
+    with step_settings(CPU):  # one thread: this loop is 25 ms/forward instead of ~90 ms
         for _ in range(steps):
             L = tokens.shape[1]
             padded = torch.nn.functional.pad(tokens, (0, -L % q), value=model.start_token)
@@ -116,11 +116,14 @@ def test_primed_state_equals_the_stepped_state_and_continues_right_after_the_pro
     tokens = torch.cat(
         [torch.tensor([[model.start_token]]), classes(generator, prompt)[None]], dim=1
     )
-    logits, primed, _ = generator.start(2, prompt)  # read once, then copied to both clips
+    torch_steps = Generator(model, device="cpu")
+    torch_steps.fused = False  # a TorchStep, whose state can be read
+    logits, step = torch_steps.start(2, prompt)  # read once, then copied to both clips
+    primed = step.state
     with torch.inference_mode():
         stepped = model.initial_state(1)
         for t in range(tokens.shape[1]):
-            stepped_logits = model.step_(tokens[:, t], stepped)
+            stepped_logits, stepped = model.step(tokens[:, t], stepped)
 
     def assert_close(got: torch.Tensor, want: torch.Tensor) -> None:  # want: one clip, for both
         torch.testing.assert_close(got, want.expand_as(got), atol=1e-4, rtol=0)  # issue 4's bound
@@ -307,41 +310,6 @@ def test_from_checkpoint(tiny_checkpoint, tmp_path):
         Generator.from_checkpoint(tmp_path / "nowhere", device="cpu")
 
 
-def test_cpu_step_settings_hold_until_the_last_overlapping_generation_ends():
-    """Two generations in flight on two threads (the UI's --concurrency 2): the first to finish
-    must not give the second its threads and oneDNN back mid-run; the last restores them."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(2)
-    first_in, second_in, first_out, checked = (threading.Event() for _ in range(4))
-    seen = {}
-
-    def first():
-        with fast_step_settings(CPU):
-            first_in.set()
-            second_in.wait(10)
-        first_out.set()
-
-    def second():
-        first_in.wait(10)
-        with fast_step_settings(CPU):
-            second_in.set()
-            first_out.wait(10)
-            seen["after_first"] = (torch.get_num_threads(), torch.backends.mkldnn.enabled)
-        checked.set()
-
-    try:
-        workers = [threading.Thread(target=first), threading.Thread(target=second)]
-        for worker in workers:
-            worker.start()
-        for worker in workers:
-            worker.join(20)
-        assert checked.is_set()
-        assert seen["after_first"] == (1, False)  # still the generation settings
-        assert (torch.get_num_threads(), torch.backends.mkldnn.enabled) == (2, True)
-    finally:
-        torch.set_num_threads(threads)
-
-
 # --- labels and guidance ---------------------------------------------------------------------------
 
 VOCABULARY = {"digit": {"0": 3, "1": 2, "7": 1}, "speaker": {"ann": 4, "bob": 2}}
@@ -366,7 +334,7 @@ def guided_greedy_oracle(
     """Classifier-free guidance the slow way: both forwards over the whole sequence per sample."""
     q = model.config.total_pool
     unknown = torch.zeros_like(labels)
-    with fast_step_settings(CPU):
+    with step_settings(CPU):
         for _ in range(steps):
             L = tokens.shape[1]
             padded = torch.nn.functional.pad(tokens, (0, -L % q), value=model.start_token)
@@ -402,10 +370,16 @@ def test_guided_greedy_samples_equal_the_guided_convolution_oracle(labelled, gui
 def test_guidance_one_runs_one_row_per_clip_and_more_runs_two(labelled):
     rows = labelled.label_rows({"digit": "1"}, 3)
     assert rows.tolist() == [[2, 0]] * 3
-    _, state, _ = labelled.start(3, labels=rows, guidance=1.0)
-    assert state.rows() == 3
-    _, state, _ = labelled.start(3, labels=rows, guidance=2.5)
-    assert state.rows() == 6
+    for fused in (True, False):
+        labelled.fused = fused
+        try:
+            logits, step = labelled.start(3, labels=rows, guidance=1.0)
+            assert not step.guided and logits.shape == (3, labelled.config.n_classes)
+            logits, step = labelled.start(3, labels=rows, guidance=2.5)
+            assert step.guided and logits.shape == (3, labelled.config.n_classes)
+        finally:
+            labelled.fused = True
+    assert TorchStep(labelled.model, labelled.model.initial_state(6), 3).guided
 
 
 def test_unknown_labels_are_refused_with_the_known_ones(labelled, generator):

@@ -1,6 +1,6 @@
-"""The per-sample step of SaShiMi on the CPU as one compiled routine (issue 11).
+"""The per-sample step of SaShiMi on the CPU as one compiled routine.
 
-`SaShiMi.step_` makes ~770 small torch calls per sample, and at these widths each costs more in
+`SaShiMi.step` makes ~770 small torch calls per sample, and at these widths each costs more in
 dispatch than in arithmetic. `FusedStep` runs the same step, and the sampling after it, as one
 numba-compiled function over buffers laid out once, the way LPCNet and nv-wavenet keep a whole
 autoregressive step in one routine with the weights close:
@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .model import SaShiMi, SaShiMiState, StackState
+from ..model import SaShiMi, SaShiMiState, StackState
 
 log = logging.getLogger(__name__)
 
@@ -484,13 +484,13 @@ def _transposed(linear: torch.nn.Linear) -> tuple[Tensor, Tensor]:
 
 
 class FusedStep:
-    """model.step_ and the sampling after it as one compiled routine, for `batch` clips on the CPU.
+    """model.step and the sampling after it as one compiled routine, for `batch` clips on the CPU.
 
     Built from the model's weights and a state (from initial_state, or prime then for_batch),
-    which it copies into its own buffers: the state object is not advanced. As generate's
-    GuidedStep, a state of 2 batch rows is a guided one: rows [0, batch) with the clips' labels,
-    [batch, 2 batch) with every field unknown, each pair fed its clip's class, and the logits
-    sampled from are l_unknown + w (l_given - l_unknown), w = guidance.
+    which it copies into its own buffers: the state object is not advanced. As for TorchStep, a
+    state of 2 batch rows is a guided one: rows [0, batch) with the clips' labels, [batch, 2 batch)
+    with every field unknown, each pair fed its clip's class, and the logits sampled from are
+    l_unknown + w (l_given - l_unknown), w = guidance.
     """
 
     def __init__(self, model: SaShiMi, state: SaShiMiState, batch: int, guidance: float = 1.0):
