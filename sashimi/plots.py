@@ -1,6 +1,7 @@
 """Pictures of generated audio: the waveform above its log-magnitude spectrogram.
 
-Used by `python -m sashimi.render` (one PNG per clip) and by the web UI. Matplotlib runs on the Agg
+Each clip that `python -m sashimi.render` or the web UI writes gets one, as a PNG beside its WAV
+(write_clip_picture); training draws its metrics with save_figure_png. Matplotlib runs on the Agg
 backend (no display needed), and figures are built with the object API so that no global pyplot
 state is touched.
 """
@@ -81,3 +82,16 @@ def save_figure_png(fig: Figure, path: str | Path) -> Path:
     fig.savefig(path, format="png", dpi=100)
     fig.clear()  # a Figure built without pyplot is freed once unreferenced; clear drops its artists
     return path
+
+
+def write_clip_picture(
+    wav: str | Path,
+    audio: np.ndarray,
+    sample_rate: int,
+    marker_seconds: float | None = None,
+    title: str = "",
+) -> Path:
+    """The picture of a clip written as `wav`: its waveform and spectrogram (see
+    waveform_spectrogram_figure) as a PNG beside it, with the same name; returns the PNG's path."""
+    figure = waveform_spectrogram_figure(audio, sample_rate, marker_seconds, title)
+    return save_figure_png(figure, Path(wav).with_suffix(".png"))

@@ -24,7 +24,8 @@ from gradio_client.exceptions import AppError
 from app import main
 from sashimi.audio import load_audio
 from sashimi.generate import CHUNK_SECONDS, Generator
-from sashimi.webui import MAX_LABEL_FIELDS, Limits, WebUI
+from sashimi.webui import Limits, WebUI
+from sashimi.webui_page import MAX_LABEL_FIELDS
 
 APP = Path(__file__).resolve().parent.parent / "app.py"
 CHROMIUM = Path("/usr/bin/chromium")
