@@ -21,8 +21,8 @@ from .audio import load_audio, write_wav
 from .checkpoint import DEFAULT_CHECKPOINT
 from .cli import Parser, add_device_argument
 from .generate import DEFAULT_GUIDANCE, Generator, check_sampling
-from .labels import labels_slug, parse_assignments
-from .plots import save_figure_png, waveform_spectrogram_figure
+from .labels import Labels, labels_slug, parse_assignments
+from .plots import write_clip_picture
 
 EXAMPLES = """examples:
   python -m sashimi.render --num 4 --seconds 2 --out samples/
@@ -136,6 +136,28 @@ def check_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -
         parser.error(f"--out {args.out} is a file; pass a folder (it is created if missing)")
 
 
+def sampling_request(
+    args: argparse.Namespace, generator: Generator
+) -> tuple[np.ndarray | None, int, Labels, dict]:
+    """The prompt (at the model's rate), samples per clip, labels and sampling settings the flags
+    ask for, checked: a bad value raises ValueError or FileNotFoundError saying which."""
+    sample_rate = generator.sample_rate
+    prompt = None if args.prompt is None else load_audio(args.prompt, sample_rate)
+    num_samples = round(args.seconds * sample_rate)
+    if num_samples < 1:
+        raise ValueError(f"--seconds {args.seconds} is less than one sample at {sample_rate} Hz")
+    labels = parse_assignments(args.label)
+    generator.label_rows(labels, 1)  # an unknown field or value: the error names the known
+    guidance = args.guidance if args.guidance is not None else 1.0
+    if args.guidance is None and labels:
+        guidance = DEFAULT_GUIDANCE
+    sampling = dict(
+        temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, guidance=guidance
+    )
+    check_sampling(num_samples, batch_size=args.batch_size, **sampling)
+    return prompt, num_samples, labels, sampling
+
+
 def write_clip(
     folder: Path,
     stem: str,
@@ -146,40 +168,25 @@ def write_clip(
 ) -> tuple[Path, Path]:
     """stem.wav (16-bit PCM) and stem.png (waveform and spectrogram) in folder."""
     wav = write_wav(folder / f"{stem}.wav", audio, sample_rate)
-    figure = waveform_spectrogram_figure(audio, sample_rate, marker_seconds=prompt_end, title=title)
-    return wav, save_figure_png(figure, folder / f"{stem}.png")
+    return wav, write_clip_picture(wav, audio, sample_rate, prompt_end, title)
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Run the command line; returns 0 on success, exits 2 with one line on a user error."""
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    check_arguments(parser, args)
-    try:
-        generator = Generator.from_checkpoint(args.checkpoint, device=args.device)
-        sample_rate = generator.sample_rate
-        prompt = None if args.prompt is None else load_audio(args.prompt, sample_rate)
-        num_samples = round(args.seconds * sample_rate)
-        if num_samples < 1:
-            raise ValueError(
-                f"--seconds {args.seconds} is less than one sample at {sample_rate} Hz"
-            )
-        labels = parse_assignments(args.label)
-        generator.label_rows(labels, 1)  # an unknown field or value: the error names the known
-        guidance = args.guidance if args.guidance is not None else 1.0
-        if args.guidance is None and labels:
-            guidance = DEFAULT_GUIDANCE
-        sampling = dict(
-            temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, guidance=guidance
-        )
-        check_sampling(num_samples, batch_size=args.batch_size, **sampling)
-    except (FileNotFoundError, ValueError) as error:
-        parser.error(str(error))
+def render_clips(
+    args: argparse.Namespace,
+    generator: Generator,
+    prompt: np.ndarray | None,
+    num_samples: int,
+    labels: Labels,
+    sampling: dict,
+) -> tuple[list[str], list[str], float]:
+    """Sample args.num clips, args.batch_size at a time, and write each as WAV + PNG in args.out.
 
+    Returns (the WAV files, the PNG files, seconds spent sampling without the file writing).
+    """
+    sample_rate = generator.sample_rate
     prompt_end = None if prompt is None else len(prompt) / sample_rate  # seconds
     files, pictures = [], []
-    generating = 0.0  # seconds spent sampling, without the file writing
-    started = time.perf_counter()
+    generating = 0.0
     with tqdm(total=args.num * num_samples, unit="sample", unit_scale=True, file=sys.stderr) as bar:
         for first in range(0, args.num, args.batch_size):
             batch = min(args.batch_size, args.num - first)
@@ -204,14 +211,32 @@ def main(argv: list[str] | None = None) -> int:
                 wav, png = write_clip(args.out, stem, audio, sample_rate, prompt_end, title)
                 files.append(str(wav))
                 pictures.append(str(png))
+    return files, pictures, generating
 
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the command line; returns 0 on success, exits 2 with one line on a user error."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    check_arguments(parser, args)
+    try:
+        generator = Generator.from_checkpoint(args.checkpoint, device=args.device)
+        prompt, num_samples, labels, sampling = sampling_request(args, generator)
+    except (FileNotFoundError, ValueError) as error:
+        parser.error(str(error))
+
+    started = time.perf_counter()
+    files, pictures, generating = render_clips(
+        args, generator, prompt, num_samples, labels, sampling
+    )
+    sample_rate = generator.sample_rate
     generated = args.num * num_samples / sample_rate  # seconds of new audio, all clips
     summary = {
         "files": files,
         "spectrograms": pictures,
         "clips": args.num,
         "seconds_per_clip": num_samples / sample_rate,
-        "prompt_seconds": prompt_end or 0.0,
+        "prompt_seconds": 0.0 if prompt is None else len(prompt) / sample_rate,
         "audio_seconds": generated,
         "sample_rate": sample_rate,
         "wall_seconds": round(time.perf_counter() - started, 3),
@@ -220,7 +245,7 @@ def main(argv: list[str] | None = None) -> int:
         "device": str(generator.device),
         "checkpoint": str(args.checkpoint),
         "labels": labels,
-        "guidance": guidance,
+        "guidance": sampling["guidance"],
     }
     print(json.dumps(summary))
     return 0
