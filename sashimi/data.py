@@ -35,7 +35,7 @@ from .audio import (
     silence_token,
 )
 from .checkpoint import atomic_write_json
-from .model import IGNORE_INDEX, shift_inputs
+from .model import pad_batch
 
 log = logging.getLogger(__name__)
 
@@ -310,15 +310,6 @@ def encode_windows(
             audio = audio * 10 ** (gains_db[k] / 20)
         tokens.append(encode(audio, quantization, n_classes))
     return tokens
-
-
-def pad_batch(tokens: list[Tensor], length: int, start_token: int) -> tuple[Tensor, Tensor]:
-    """Stack token sequences into teacher-forcing pairs of `length`: targets are the tokens with
-    IGNORE_INDEX after their end (the loss skips them); inputs are shift_inputs(targets)."""
-    targets = torch.full((len(tokens), length), IGNORE_INDEX, dtype=torch.long)
-    for row, t in enumerate(tokens):
-        targets[row, : len(t)] = t
-    return shift_inputs(targets, start_token), targets
 
 
 def make_batch(

@@ -21,10 +21,10 @@ from torch import Tensor
 
 from .checkpoint import load_checkpoint
 from .cli import Parser, add_device_argument
-from .data import AudioFolder, cut_windows, encode_windows, pad_batch
+from .data import AudioFolder, cut_windows, encode_windows
 from .generate import resolve_device
 from .labels import LabelSpec, label_tensor, read_labels
-from .model import SaShiMi, nll_bits
+from .model import SaShiMi
 
 
 @torch.no_grad()
@@ -33,24 +33,18 @@ def evaluate_bits(
 ) -> float:
     """Mean NLL in bits per sample over every sample of every sequence in `tokens`.
 
-    Each sequence (1-D LongTensor) is one row, scored from the start token by teacher forcing and
-    padded with ignored targets to a multiple of the total pooling. labels (len(tokens), n_fields)
+    Each sequence (1-D LongTensor) is one row of SaShiMi.sequence_bits. labels (len(tokens), n_fields)
     are the label indices of each sequence (None: all unknown). The model runs in eval mode on its
     own device; its training mode is restored afterwards.
     """
-    device = next(model.parameters()).device
-    q = model.config.total_pool
     order = sorted(range(len(tokens)), key=lambda i: len(tokens[i]))  # like lengths: less padding
     was_training = model.training
     model.eval()
     total_bits = 0.0
     for first in range(0, len(order), batch_size):
         rows = order[first : first + batch_size]
-        batch = [tokens[i] for i in rows]
-        length = -(-max(len(t) for t in batch) // q) * q  # round up to a multiple of q
-        inputs, targets = pad_batch(batch, length, model.start_token)
-        logits = model(inputs.to(device), None if labels is None else labels[rows].to(device))
-        total_bits += nll_bits(logits.float(), targets.to(device), reduction="none").sum().item()
+        batch_labels = None if labels is None else labels[rows]
+        total_bits += model.sequence_bits([tokens[i] for i in rows], batch_labels).sum().item()
     model.train(was_training)
     return total_bits / sum(len(t) for t in tokens)
 

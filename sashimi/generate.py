@@ -40,7 +40,7 @@ from .audio import decode, encode
 from .checkpoint import DEFAULT_CHECKPOINT, is_checkpoint, load_checkpoint
 from .fast_step import FusedStep, PeriodGraph, TorchStep, step_settings
 from .labels import UNKNOWN, Labels, check_labels, label_tensor
-from .model import IGNORE_INDEX, SaShiMi, nll_bits, shift_inputs
+from .model import SaShiMi
 
 log = logging.getLogger(__name__)
 
@@ -416,8 +416,8 @@ class Generator:
     def log_likelihood(
         self, audio: np.ndarray, labels: Labels | list[Labels] | None = None
     ) -> np.ndarray:
-        """Bits per sample of each clip under the model, (batch,): teacher forcing from the start
-        token in convolution mode, the length padded to a multiple of total_pool, pads ignored.
+        """Bits per sample of each clip under the model, (batch,): SaShiMi.sequence_bits over the
+        clips' classes.
 
         audio: float (samples,) or (batch, samples) in [-1, 1] at the model's rate; labels as in
         stream (None: every field unknown).
@@ -430,12 +430,7 @@ class Generator:
         targets = encode(
             torch.from_numpy(audio).to(self.device), self.config.quantization, self.config.n_classes
         )
-        L = audio.shape[1]
-        padded = -(-L // self.config.total_pool) * self.config.total_pool
-        targets = torch.nn.functional.pad(targets, (0, padded - L), value=IGNORE_INDEX)
-        inputs = shift_inputs(targets, self.model.start_token)
         rows = self.label_rows(labels, audio.shape[0])
         with torch.inference_mode():
-            logits = self.model(inputs, rows)
-            bits = nll_bits(logits, targets, reduction="none")  # (batch, padded), 0 if ignored
-        return (bits.sum(1) / L).float().cpu().numpy()
+            bits = self.model.sequence_bits(list(targets), rows)
+        return (bits / audio.shape[1]).cpu().numpy()

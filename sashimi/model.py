@@ -200,6 +200,15 @@ def shift_inputs(targets: Tensor, start_token: int) -> Tensor:
     return torch.cat([start, targets[:, :-1]], dim=1)
 
 
+def pad_batch(tokens: list[Tensor], length: int, start_token: int) -> tuple[Tensor, Tensor]:
+    """Stack token sequences into teacher-forcing pairs of `length`: targets are the tokens with
+    IGNORE_INDEX after their end (the loss skips them); inputs are shift_inputs(targets)."""
+    targets = torch.full((len(tokens), length), IGNORE_INDEX, dtype=torch.long)
+    for row, t in enumerate(tokens):
+        targets[row, : len(t)] = t
+    return shift_inputs(targets, start_token), targets
+
+
 def nll_bits(logits: Tensor, targets: Tensor, reduction: str = "mean") -> Tensor:
     """Negative log-likelihood in bits per sample (the SaShiMi paper's metric), skipping IGNORE_INDEX.
 
@@ -517,6 +526,18 @@ class SaShiMi(nn.Module):
         """
         self._check_length(tokens.shape[1])
         return self._unet(tokens, labels, with_state=False)[0]
+
+    def sequence_bits(self, tokens: list[Tensor], labels: Tensor | None = None) -> Tensor:
+        """-log2 p(sequence) of each token sequence (n,): teacher forcing from the start token, in
+        one convolution-mode pass over the batch padded with ignored targets to a multiple of the
+        total pooling. labels (n, n_fields) as in forward. Divide by the lengths for bits per
+        sample."""
+        q = self.config.total_pool
+        length = -(-max(len(t) for t in tokens) // q) * q  # round up to a multiple of q
+        inputs, targets = pad_batch([t.cpu() for t in tokens], length, self.start_token)
+        device = self.head.weight.device
+        logits = self(inputs.to(device), None if labels is None else labels.to(device))
+        return nll_bits(logits.float(), targets.to(device), reduction="none").sum(1)
 
     def _unet(
         self, tokens: Tensor, labels: Tensor | None, with_state: bool
