@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 
-from sashimi.audio import MU_LAW_CLASSES, encode, silence_token  # noqa: E402
+from sashimi.audio import N_CLASSES, encode, silence_token  # noqa: E402
 from sashimi.data import AudioFolder  # noqa: E402
 
 
@@ -31,7 +31,7 @@ def tokens_of(
     folder: str, sample_rate: int, exclude: tuple[str, ...] = ()
 ) -> list[tuple[str, torch.Tensor]]:
     clips = AudioFolder.scan(folder, exclude).load(sample_rate)
-    return [(clip.path, encode(clip.audio, "mu-law", MU_LAW_CLASSES)) for clip in clips]
+    return [(clip.path, encode(clip.audio, "mu-law", N_CLASSES)) for clip in clips]
 
 
 def with_start(tokens: torch.Tensor, start: int) -> torch.Tensor:
@@ -40,7 +40,7 @@ def with_start(tokens: torch.Tensor, start: int) -> torch.Tensor:
 
 def fit(train: list[torch.Tensor], start: int) -> tuple[torch.Tensor, torch.Tensor]:
     """log2 probabilities: unigram (C,) and first-order Markov (C, C) [previous, next]."""
-    C = MU_LAW_CLASSES
+    C = N_CLASSES
     unigram = torch.ones(C, dtype=torch.float64)
     bigram = torch.ones(C, C, dtype=torch.float64)
     for tokens in train:
@@ -60,7 +60,7 @@ def score(
         seq = with_start(tokens, start)
         mark -= markov[seq[:-1], seq[1:]].sum().item()
     return {
-        "uniform": math.log2(MU_LAW_CLASSES),
+        "uniform": math.log2(N_CLASSES),
         "unigram": round(uni, 3),
         "markov": round(mark / n, 3),
         "files": len(valid),
@@ -80,7 +80,7 @@ def main() -> None:
         "--speakers", default="", help="comma-separated FSDD speakers for per-speaker rows"
     )
     args = parser.parse_args()
-    start = silence_token("mu-law", MU_LAW_CLASSES)
+    start = silence_token("mu-law", N_CLASSES)
     train = [t for _, t in tokens_of(args.train, args.sample_rate, tuple(args.exclude))]
     valid = tokens_of(args.valid, args.sample_rate)
     unigram, markov = fit(train, start)

@@ -25,27 +25,27 @@ import torch
 from torch import Tensor
 from torchaudio import functional as AF
 
-MU_LAW_CLASSES = 256  # 8-bit mu-law, as in the SaShiMi paper
+N_CLASSES = 256  # 8-bit classes, as in the SaShiMi paper: the default of either quantisation
 QUANTIZATIONS = ("mu-law", "linear")
 
 
-def mu_law_encode(x: Tensor, n_classes: int = MU_LAW_CLASSES) -> Tensor:
+def mu_law_encode(x: Tensor, n_classes: int = N_CLASSES) -> Tensor:
     """Float audio in [-1, 1] -> mu-law classes in [0, n_classes). Values outside are clipped."""
     return AF.mu_law_encoding(x.clamp(-1.0, 1.0), n_classes).long()
 
 
-def mu_law_decode(tokens: Tensor, n_classes: int = MU_LAW_CLASSES) -> Tensor:
+def mu_law_decode(tokens: Tensor, n_classes: int = N_CLASSES) -> Tensor:
     """Mu-law classes -> float audio in [-1, 1] (the inverse of F at each class centre)."""
     return AF.mu_law_decoding(tokens, n_classes)
 
 
-def linear_encode(x: Tensor, n_classes: int = MU_LAW_CLASSES) -> Tensor:
+def linear_encode(x: Tensor, n_classes: int = N_CLASSES) -> Tensor:
     """Float audio in [-1, 1] -> n_classes equal-width bins; 0.0 falls in class n_classes // 2."""
     scaled = (x.clamp(-1.0, 1.0) + 1) / 2 * (n_classes - 1)
     return (scaled + 0.5).floor().long()
 
 
-def linear_decode(tokens: Tensor, n_classes: int = MU_LAW_CLASSES) -> Tensor:
+def linear_decode(tokens: Tensor, n_classes: int = N_CLASSES) -> Tensor:
     """Linear classes -> float audio in [-1, 1]."""
     return tokens.to(torch.get_default_dtype()) / (n_classes - 1) * 2 - 1
 
@@ -59,19 +59,19 @@ def _check_quantization(quantization: str) -> None:
         raise ValueError(f"quantization must be one of {QUANTIZATIONS}, got {quantization!r}")
 
 
-def encode(x: Tensor, quantization: str = "mu-law", n_classes: int = MU_LAW_CLASSES) -> Tensor:
+def encode(x: Tensor, quantization: str = "mu-law", n_classes: int = N_CLASSES) -> Tensor:
     """Float audio in [-1, 1] -> class tokens (LongTensor of the same shape)."""
     _check_quantization(quantization)
     return _ENCODERS[quantization](x, n_classes)
 
 
-def decode(tokens: Tensor, quantization: str = "mu-law", n_classes: int = MU_LAW_CLASSES) -> Tensor:
+def decode(tokens: Tensor, quantization: str = "mu-law", n_classes: int = N_CLASSES) -> Tensor:
     """Class tokens -> float audio in [-1, 1]."""
     _check_quantization(quantization)
     return _DECODERS[quantization](tokens, n_classes)
 
 
-def silence_token(quantization: str = "mu-law", n_classes: int = MU_LAW_CLASSES) -> int:
+def silence_token(quantization: str = "mu-law", n_classes: int = N_CLASSES) -> int:
     """The class of a zero sample: the first input of every sequence (the 'start token')."""
     return int(encode(torch.zeros(()), quantization, n_classes))
 

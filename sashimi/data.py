@@ -28,7 +28,7 @@ from torch import Tensor
 
 from .audio import (
     AUDIO_EXTENSIONS,
-    MU_LAW_CLASSES,
+    N_CLASSES,
     audio_info,
     encode,
     load_audio,
@@ -298,7 +298,7 @@ def encode_windows(
     clips: list[Clip],
     windows: list[Window],
     quantization: str = "mu-law",
-    n_classes: int = MU_LAW_CLASSES,
+    n_classes: int = N_CLASSES,
     gains_db: Tensor | None = None,
 ) -> list[Tensor]:
     """The class tokens of each window; with `gains_db` (one per window) the audio is scaled by
@@ -317,7 +317,7 @@ def make_batch(
     windows: list[Window],
     seq_len: int,
     quantization: str = "mu-law",
-    n_classes: int = MU_LAW_CLASSES,
+    n_classes: int = N_CLASSES,
     gains_db: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """(inputs, targets), each (len(windows), seq_len) LongTensor, for the given windows."""

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from .audio import MU_LAW_CLASSES, QUANTIZATIONS, silence_token
+from .audio import N_CLASSES, QUANTIZATIONS, silence_token
 from .labels import UNKNOWN, Vocabulary
 from .s4 import DISCRETIZATIONS, S4, DiagonalStep, DPLRStep
 
@@ -77,7 +77,7 @@ def config_from_dict(cls: type, d: dict, what: str):
 class SaShiMiConfig:
     """Everything needed to rebuild a model; saved as config.json next to its weights."""
 
-    n_classes: int = MU_LAW_CLASSES  # quantisation levels of input and output (8-bit)
+    n_classes: int = N_CLASSES  # quantisation levels of input and output (8-bit)
     quantization: str = "mu-law"  # "mu-law" or "linear": how samples map to classes
     sample_rate: int = 16_000  # Hz the model was trained at; generation writes at this rate
     d_model: int = 64  # H of the outer tier; tier i has H * expand**i

@@ -54,8 +54,10 @@ def test_step_matches_forward(preset, kernel, trained):
     with torch.no_grad():
         conv = model(tokens)
         rec = step_through(model, tokens)
-    # float32 round-off through 24 layers and 1024 steps stays far below the 1e-3 the issue allows
-    assert (conv - rec).abs().max() <= 1e-3
+    # float32 round-off only: measured 1e-6 to 3e-6 for tiny and 7e-6 to 1.5e-5 for sc09 (24
+    # layers), logits of size ~3, eps 1.2e-7. The SSM forgets old round-off (|A_bar| < 1), so it
+    # does not grow with L; 1e-4 leaves 7x margin, and a step that is off by one sample is ~1e-1.
+    assert (conv - rec).abs().max() <= 1e-4
 
 
 @pytest.mark.parametrize("kernel", ["diagonal", "dplr"])
