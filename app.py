@@ -1,9 +1,10 @@
 """`python app.py`: the SaShiMi web UI (Gradio), on http://127.0.0.1:7860 by default.
 
-The page and its handlers live in sashimi/webui.py; this file turns flags into limits and
-launches the server with Gradio's defaults set on purpose: no usage analytics, no share link
-unless --share, uploads capped at --max-upload-mb, and a queue in which at most --concurrency
-requests sample at once (those that arrive together as one batch) while the others wait.
+The page lives in sashimi/webui_page.py, its handlers in sashimi/webui.py and the limits a request
+is held to in sashimi/webui_requests.py; this file turns flags into those limits and launches the
+server with Gradio's defaults set on purpose: no usage analytics, no share link unless --share,
+uploads capped at --max-upload-mb, and a queue in which at most --concurrency requests sample at
+once (those that arrive together as one batch) while the others wait.
 """
 
 import argparse

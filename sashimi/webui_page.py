@@ -147,20 +147,22 @@ def build_page(ui: WebUI) -> gr.Blocks:
         with gr.Row():
             picker = gr.Dropdown(names, value=ui.selected, label="model", scale=1)
             card = gr.Markdown(ui.models.card(None) if not names else "loading…")
-        page = Page(
-            picker=picker,
-            card=card,
-            **sampling_inputs(ui.limits.max_clips),
-            **label_inputs(checkpoint_vocabulary(ui.selected)),
-            **request_tabs(ui.limits.max_seconds),
-            **result_outputs(ui.live_playback),
+        page = Page(  # each section returns its components in the order Page names them
+            picker,
+            card,
+            *sampling_inputs(ui.limits.max_clips),
+            *label_inputs(checkpoint_vocabulary(ui.selected)),
+            *request_tabs(ui.limits.max_seconds),
+            *result_outputs(ui.live_playback),
         )
         connect(ui, page)
         demo.load(ui.models.card, picker, card, api_visibility="private")
     return demo
 
 
-def sampling_inputs(max_clips: int) -> dict:
+def sampling_inputs(
+    max_clips: int,
+) -> tuple[gr.Number, gr.Slider, gr.Slider, gr.Number, gr.Checkbox]:
     """The settings both tabs share: clips, temperature, top-p, the seed or a random one."""
     with gr.Row():
         clips = gr.Number(
@@ -190,12 +192,12 @@ def sampling_inputs(max_clips: int) -> dict:
             info="shows the seed used; clip i uses seed + i",
         )
         random_seed = gr.Checkbox(True, label="random seed")
-    return dict(
-        clips=clips, temperature=temperature, top_p=top_p, seed=seed, random_seed=random_seed
-    )
+    return clips, temperature, top_p, seed, random_seed
 
 
-def label_inputs(vocabulary: Vocabulary) -> dict:
+def label_inputs(
+    vocabulary: Vocabulary,
+) -> tuple[list[gr.Dropdown], gr.Column, gr.Slider, gr.JSON]:
     """A labelled checkpoint's menus (see MAX_LABEL_FIELDS) and guidance, and the endpoints'
     `labels` parameter, hidden: written from the menus when a button is clicked, so that API
     clients send one dict however many menus the page shows."""
@@ -211,10 +213,12 @@ def label_inputs(vocabulary: Vocabulary) -> dict:
                 info="classifier-free guidance: 1 = none, higher = closer to the labels",
             )
     labels = gr.JSON(None, label="labels", visible=False)
-    return dict(menus=menus, guidance_column=guidance_column, guidance=guidance, labels=labels)
+    return menus, guidance_column, guidance, labels
 
 
-def request_tabs(max_seconds: float) -> dict:
+def request_tabs(
+    max_seconds: float,
+) -> tuple[gr.Number, gr.Button, gr.Audio, gr.Number, gr.Number, gr.Button, gr.Button]:
     """The Generate tab (seconds per clip), the Continue tab (a prompt, the seconds of it to keep
     and the seconds to add), and the Stop button under both."""
     up_to = f"up to {max_seconds:g} s"
@@ -235,18 +239,12 @@ def request_tabs(max_seconds: float) -> dict:
                 add_seconds = gr.Number(1.0, label="seconds to add", minimum=0, info=up_to)
             continue_button = gr.Button("Continue", variant="primary")
     stop_button = gr.Button("Stop", variant="stop")
-    return dict(
-        seconds=seconds,
-        generate_button=generate_button,
-        prompt=prompt,
-        keep_seconds=keep_seconds,
-        add_seconds=add_seconds,
-        continue_button=continue_button,
-        stop_button=stop_button,
-    )
+    return seconds, generate_button, prompt, keep_seconds, add_seconds, continue_button, stop_button
 
 
-def result_outputs(live_playback: bool) -> dict:
+def result_outputs(
+    live_playback: bool,
+) -> tuple[gr.Audio, gr.Markdown, gr.File, gr.Dataframe, gr.State]:
     """The live player, the status line, the files and their ranking, and every clip as a player
     with its picture."""
     live = gr.Audio(
@@ -283,7 +281,7 @@ def result_outputs(live_playback: bool) -> dict:
                 )
                 gr.Image(clip_figure(clip), show_label=False, type="filepath", scale=2)
 
-    return dict(live=live, status=status, files=files, ranking=ranking, results=results)
+    return live, status, files, ranking, results
 
 
 def connect(ui: WebUI, page: Page) -> None:
