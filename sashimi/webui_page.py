@@ -287,18 +287,9 @@ def result_outputs(
 def connect(ui: WebUI, page: Page) -> None:
     """The events: each button reads the menus into `labels`, then calls its endpoint (the API:
     /generate and /continue); Stop cancels both; picking a model shows its card and menus."""
-    for component in (
-        page.picker,
-        page.clips,
-        page.temperature,
-        page.top_p,
-        page.seed,
-        page.guidance,
-        page.seconds,
-    ):
+    settings = [page.picker, page.clips, page.temperature, page.top_p, page.seed, page.guidance]
+    for component in [*settings, page.seconds, page.keep_seconds, page.add_seconds]:
         refuse_bad_values(component)
-    refuse_bad_values(page.keep_seconds)
-    refuse_bad_values(page.add_seconds)
     sampling = [page.temperature, page.top_p, page.seed, page.random_seed]
     guiding = [page.labels, page.guidance]
     read_menus = dict(
