@@ -4,20 +4,28 @@ A checkpoint is a folder holding
     config.json          SaShiMiConfig.to_dict(): rebuilds the model, with its sample rate and quantisation
     model.safetensors    the weights (safetensors: loading runs no code, unlike a pickle)
     metrics.json         optional facts for people: steps, validation bits per sample, data, wall time
+    card.md              optional, what a person should know about the model (training composes it)
+The last/ folder of a training run holds the trainer's state as well (TrainerState), so that
+`python -m train --resume` continues exactly where the run stopped:
+    trainer_state.json          step, data position, bits per sample, settings, optimiser groups
+    trainer_state.safetensors   the optimiser's moments and the random generators' states
 Each file is written to a temporary name and renamed into place, so a process killed mid-save
 leaves either the previous file or the new one, never a torn one; a whole folder is swapped in the
-same way (replace_folder). A write that finds the disk full removes what it wrote and raises
-DiskFullError, saying how much the save needed and how much was free.
+same way (replace_folder, replace_checkpoint). A write that finds the disk full removes what it
+wrote and raises DiskFullError, saying how much the save needed and how much was free.
 """
 
+import dataclasses
 import errno
 import json
 import logging
+import math
 import os
 import shutil
 import tempfile
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -31,6 +39,8 @@ log = logging.getLogger(__name__)
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 METRICS_FILE = "metrics.json"
+CARD_FILE = "card.md"
+TRAINER_STATE = "trainer_state"  # .safetensors (tensors) + .json (the rest), only in last/
 CHECKPOINTS_DIR = Path(__file__).resolve().parent.parent / "checkpoints"
 DEFAULT_CHECKPOINT = CHECKPOINTS_DIR / "fsdd"  # the shipped model, trained on spoken digits
 SHOWN_TENSORS = 3  # tensors named in an error about many of them
@@ -192,6 +202,132 @@ def resolve_save(target: str | Path) -> Path:
     target = Path(target)
     old = _tmp_and_old(target)[1]
     return old if not target.exists() and old.is_dir() else target
+
+
+# --- a training run's saves: whole folders, with the trainer's state in last/ --------------------
+
+
+@dataclass
+class TrainerState:
+    """Where a training run stands: what `python -m train --resume` needs besides the weights to
+    continue exactly. The loop keeps its scalars here as it goes; `optimizer` and `rng` are filled
+    in for a save and by load(). On disk (save, load): trainer_state.json holds the scalars and the
+    optimiser's parameter groups, trainer_state.safetensors the tensors "rng.<name>" and
+    "optimizer.<parameter index>.<name>"."""
+
+    step: int = 0  # optimiser steps taken
+    epoch: int = 0  # position in the shuffled stream of windows (sashimi.data.take_windows)
+    index: int = 0
+    elapsed_s: float = 0.0  # wall time of the run up to this state
+    train_bits: float | None = None  # mean bits per sample of the last logged interval
+    valid_bits: float | None = None  # of the last validation
+    valid_bits_unlabelled: float | None = None  # a labelled model's, with every field unknown
+    best_valid_bits: float = math.inf  # the validation that best/ holds; saved as null until one
+    world_size: int = 1  # processes, each with its own row in the torch random states
+    train_config: dict = field(default_factory=dict)  # train.loop.TrainConfig.to_dict()
+    commands: list[str] = field(default_factory=list)  # the first command, then each resume's
+    optimizer: dict = field(default_factory=dict)  # torch.optim.Optimizer.state_dict()
+    rng: dict[str, torch.Tensor] = field(default_factory=dict)  # random generator states by name
+
+    def save(self, directory: Path) -> None:
+        """Write both files into `directory`, a folder that replace_folder is filling."""
+        scalars = {name: getattr(self, name) for name in _TRAINER_SCALARS}
+        if self.best_valid_bits == math.inf:
+            scalars["best_valid_bits"] = None  # JSON has no infinity
+        scalars["optimizer_param_groups"] = self.optimizer["param_groups"]
+        tensors = {f"rng.{name}": t.contiguous() for name, t in self.rng.items()}
+        for index, state in self.optimizer["state"].items():
+            for name, value in state.items():
+                tensors[f"optimizer.{index}.{name}"] = value.detach().cpu().contiguous()
+        save_file(tensors, str(directory / f"{TRAINER_STATE}.safetensors"))
+        (directory / f"{TRAINER_STATE}.json").write_text(json.dumps(scalars, indent=2) + "\n")
+
+    def nbytes(self) -> int:
+        """What trainer_state.safetensors takes, less its header."""
+        moments = [t for state in self.optimizer["state"].values() for t in state.values()]
+        return tensor_bytes([*self.rng.values(), *moments])
+
+    @classmethod
+    def load(cls, directory: str | Path) -> "TrainerState":
+        """The state saved in `directory` (a run's last/); a missing or damaged file is an error
+        naming it and saying how to go on."""
+        tensors, saved = _read_trainer_state(Path(directory))
+        scalars = {name: saved[name] for name in _TRAINER_SCALARS if name in saved}
+        if scalars["best_valid_bits"] is None:
+            scalars["best_valid_bits"] = math.inf
+        rng, moments = {}, {}
+        for key, value in tensors.items():
+            kind, name = key.split(".", 1)
+            if kind == "rng":
+                rng[name] = value
+            elif kind == "optimizer":
+                index, name = name.split(".")
+                moments.setdefault(int(index), {})[name] = value
+        optimizer = {"state": moments, "param_groups": saved["optimizer_param_groups"]}
+        return cls(**scalars, optimizer=optimizer, rng=rng)
+
+
+# trainer_state.json: every field of TrainerState but the tensors' two, in the order of the fields
+_TRAINER_SCALARS = tuple(f.name for f in dataclasses.fields(TrainerState))[:-2]
+# what a trainer state cannot do without (valid_bits_unlabelled and commands came later)
+_TRAINER_JSON_KEYS = ("step", "epoch", "index", "elapsed_s", "train_bits", "valid_bits")
+_TRAINER_JSON_KEYS += ("best_valid_bits", "world_size", "optimizer_param_groups")
+_TRAINER_TENSORS = ("rng.gain", "rng.torch_cpu")
+
+
+def _read_trainer_state(last: Path) -> tuple[dict[str, torch.Tensor], dict]:
+    """The tensors and the JSON of the trainer state in `last`, checked for what load needs."""
+    json_path = last / f"{TRAINER_STATE}.json"
+    tensors_path = last / f"{TRAINER_STATE}.safetensors"
+    if not json_path.is_file():
+        raise FileNotFoundError(
+            f"{last} has no {TRAINER_STATE}.json; --resume needs the last/ folder of a run that "
+            "saved at least once"
+        )
+    go_on = (
+        "the run cannot continue exactly; start a new one from its weights with "
+        f"--init {last} and another --out"
+    )
+    try:
+        tensors = load_file(str(tensors_path))
+    except (SafetensorError, OSError) as error:
+        raise ValueError(f"{tensors_path} is damaged ({error}); {go_on}") from error
+    try:
+        saved = json.loads(json_path.read_bytes())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(f"{json_path} is damaged (not valid JSON: {error}); {go_on}") from error
+    if not isinstance(saved, dict) or not isinstance(saved.get("train_config"), dict):
+        raise ValueError(f"{json_path} is damaged (no training settings in it); {go_on}")
+    for path, keys, held in (
+        (json_path, _TRAINER_JSON_KEYS, saved),
+        (tensors_path, _TRAINER_TENSORS, tensors),
+    ):
+        missing = [key for key in keys if key not in held]
+        if missing:
+            raise ValueError(f"{path} is damaged (no {', '.join(missing)} in it); {go_on}")
+    return tensors, saved
+
+
+def replace_checkpoint(
+    target: Path,
+    model: SaShiMi,
+    metadata: dict,
+    card: str,
+    trainer_state: TrainerState | None = None,
+) -> None:
+    """Swap in a complete checkpoint folder at `target` (replace_folder): the checkpoint with its
+    metrics.json, card.md (`card`, the text), and with `trainer_state`, its two files."""
+
+    def write(tmp: Path) -> None:
+        save_checkpoint(tmp, model, metadata)
+        if trainer_state is not None:
+            trainer_state.save(tmp)
+        (tmp / CARD_FILE).write_text(card)
+
+    needed = tensor_bytes(model.state_dict().values())
+    if trainer_state is not None:
+        needed += trainer_state.nbytes()
+    replace_folder(target, write, needed=needed)
 
 
 def is_checkpoint(directory: str | Path) -> bool:

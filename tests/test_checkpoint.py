@@ -3,6 +3,7 @@ halfway, and the shipped default model."""
 
 import json
 import logging
+import math
 import os
 import re
 import shutil
@@ -17,9 +18,11 @@ from sashimi.checkpoint import (
     CHECKPOINTS_DIR,
     DEFAULT_CHECKPOINT,
     DiskFullError,
+    TrainerState,
     atomic_write,
     list_checkpoints,
     load_checkpoint,
+    replace_checkpoint,
     replace_folder,
     resolve_save,
     save_checkpoint,
@@ -207,6 +210,98 @@ def test_list_checkpoints_finds_complete_folders_at_any_depth(tiny_checkpoint, t
     shutil.copy(tiny_checkpoint / "model.safetensors", tmp_path / "half")
     assert list_checkpoints(tmp_path) == [tmp_path / "a", tmp_path / "runs" / "b" / "best"]
     assert list_checkpoints(tmp_path / "missing") == []
+
+
+# --- a training run's saves --------------------------------------------------------------------
+
+
+def adam_after_one_step() -> torch.optim.AdamW:
+    """An optimiser with state to save: AdamW's step count and both moments per parameter."""
+    layer = torch.nn.Linear(3, 2)
+    optimizer = torch.optim.AdamW(layer.parameters(), lr=1e-3)
+    layer(torch.ones(4, 3)).square().sum().backward()
+    optimizer.step()
+    return optimizer
+
+
+def test_trainer_state_reads_back_what_was_saved(tmp_path):
+    optimizer = adam_after_one_step()
+    rng = {"gain": torch.Generator().manual_seed(5).get_state(), "torch_cpu": torch.get_rng_state()}
+    state = TrainerState(
+        step=7,
+        epoch=1,
+        index=3,
+        elapsed_s=12.5,
+        train_bits=6.25,
+        world_size=1,
+        train_config={"data": "d", "out": "o"},
+        commands=["python -m train --data d --out o"],
+        optimizer=optimizer.state_dict(),
+        rng=rng,
+    )
+    state.save(tmp_path)
+    scalars = json.loads((tmp_path / "trainer_state.json").read_text())
+    assert scalars["best_valid_bits"] is None  # no validation yet: JSON has no infinity
+    assert list(scalars)[:4] == ["step", "epoch", "index", "elapsed_s"]
+    loaded = TrainerState.load(tmp_path)
+    assert loaded.best_valid_bits == math.inf and loaded.valid_bits is None
+    for name in ("step", "epoch", "index", "elapsed_s", "train_bits", "train_config", "commands"):
+        assert getattr(loaded, name) == getattr(state, name), name
+    assert loaded.rng.keys() == rng.keys()
+    assert all(torch.equal(loaded.rng[k], rng[k]) for k in rng)
+    saved_moments = optimizer.state_dict()["state"]
+    groups = optimizer.state_dict()["param_groups"]
+    assert loaded.optimizer["param_groups"] == json.loads(json.dumps(groups))  # betas: a list
+    assert loaded.optimizer["state"].keys() == saved_moments.keys()
+    for index, moments in saved_moments.items():
+        for name, value in moments.items():
+            assert torch.equal(loaded.optimizer["state"][index][name], value), (index, name)
+    again = tmp_path / "again"
+    again.mkdir()
+    loaded.save(again)  # what load reads, save writes byte for byte: one format
+    for file in ("trainer_state.json", "trainer_state.safetensors"):
+        assert (again / file).read_bytes() == (tmp_path / file).read_bytes(), file
+
+
+def test_a_trainer_state_without_what_resume_needs_names_it(tmp_path):
+    (tmp_path / "trainer_state.json").write_text(json.dumps({"step": 3, "train_config": {}}))
+    save_file({"rng.gain": torch.zeros(2)}, str(tmp_path / "trainer_state.safetensors"))
+    with pytest.raises(ValueError) as error:
+        TrainerState.load(tmp_path)
+    assert str(error.value) == (
+        f"{tmp_path / 'trainer_state.json'} is damaged (no epoch, index, elapsed_s, train_bits, "
+        "valid_bits, best_valid_bits, world_size, optimizer_param_groups in it); the run cannot "
+        f"continue exactly; start a new one from its weights with --init {tmp_path} and another "
+        "--out"
+    )
+    with pytest.raises(FileNotFoundError, match="has no trainer_state.json; --resume needs"):
+        TrainerState.load(tmp_path / "missing")
+
+
+def test_replace_checkpoint_swaps_in_the_whole_folder(tiny_config, tmp_path):
+    model = SaShiMi(tiny_config)
+    rng = {"gain": torch.Generator().get_state(), "torch_cpu": torch.get_rng_state()}
+    state = TrainerState(step=2, optimizer=adam_after_one_step().state_dict(), rng=rng)
+    replace_checkpoint(tmp_path / "best", model, {"step": 1}, "# card\n")
+    replace_checkpoint(tmp_path / "last", model, {"step": 2}, "# card\n", state)
+    assert sorted(p.name for p in (tmp_path / "best").iterdir()) == [
+        "card.md",
+        "config.json",
+        "metrics.json",
+        "model.safetensors",
+    ]
+    assert sorted(p.name for p in (tmp_path / "last").iterdir()) == [
+        "card.md",
+        "config.json",
+        "metrics.json",
+        "model.safetensors",
+        "trainer_state.json",
+        "trainer_state.safetensors",
+    ]
+    assert (tmp_path / "last" / "card.md").read_text() == "# card\n"
+    assert load_checkpoint(tmp_path / "last")[1] == {"step": 2}
+    assert TrainerState.load(tmp_path / "last").step == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["best", "last"]  # no .tmp or .old left
 
 
 # --- the shipped default model -------------------------------------------------------------------

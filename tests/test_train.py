@@ -16,19 +16,18 @@ import pytest
 import soundfile as sf
 import torch
 
-from sashimi.checkpoint import DiskFullError, load_checkpoint
-from sashimi.model import SaShiMi, SaShiMiConfig
-from train.__main__ import build_parser, main, resolve
-from train.loop import (
-    TrainConfig,
-    append_metrics,
-    lr_factor,
-    make_optimizer,
-    read_trainer_state,
+from sashimi.checkpoint import (
+    DiskFullError,
+    TrainerState,
+    load_checkpoint,
     recover_folder,
     replace_folder,
-    weights_sha1,
 )
+from sashimi.model import SaShiMi, SaShiMiConfig
+from train.__main__ import build_parser, main, resolve
+from train.distributed import weights_sha1
+from train.loop import TrainConfig, lr_factor, make_optimizer
+from train.report import append_metrics
 
 REPO = Path(__file__).resolve().parent.parent
 # Fast settings for the tiny preset: 256-sample windows (a multiple of its total pooling 16).
@@ -197,8 +196,7 @@ def test_kill_during_saves_leaves_a_loadable_last_and_resume_matches_a_straight_
     assert process.wait() == -signal.SIGKILL, "the run ended before it could be killed"
 
     model, metadata = load_checkpoint(killed / "last")
-    _, state = read_trainer_state(killed / "last")
-    assert 5 <= state["step"] == metadata["step"] < 20
+    assert 5 <= TrainerState.load(killed / "last").step == metadata["step"] < 20
     assert main(["--out", str(killed), "--resume"]) == 0
     assert main([*args, "--out", str(straight), "--save-every", "20"]) == 0
     resumed, uninterrupted = state_dict(killed / "last"), state_dict(straight / "last")
