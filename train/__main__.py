@@ -41,15 +41,23 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=EXAMPLES,
         argument_default=argparse.SUPPRESS,  # absent flags stay absent: see the precedence above
     )
+    add_data_flags(parser.add_argument_group("data"))
+    add_model_flags(parser.add_argument_group("model"))
+    add_training_flags(parser.add_argument_group("training"))
+    return parser
 
-    def add(group, flag: str, metavar: str, kind: type, help: str, **kwargs) -> None:
-        """A flag with a value; a TrainConfig field's default is shown in its help."""
-        default = FIELDS.get(kwargs.get("dest", flag.removeprefix("--").replace("-", "_")))
-        if default not in (None, dataclasses.MISSING):
-            help = f"{help} (default: {default})"
-        group.add_argument(flag, metavar=metavar, type=kind, help=help, **kwargs)
 
-    data = parser.add_argument_group("data")
+def add(group, flag: str, metavar: str, kind: type, help: str, **kwargs) -> None:
+    """A flag with a value; a TrainConfig field's default is shown in its help."""
+    default = FIELDS.get(kwargs.get("dest", flag.removeprefix("--").replace("-", "_")))
+    if default not in (None, dataclasses.MISSING):
+        help = f"{help} (default: {default})"
+    group.add_argument(flag, metavar=metavar, type=kind, help=help, **kwargs)
+
+
+def add_data_flags(data) -> None:
+    """Where the audio is and how it becomes windows and labels. Past 60 lines, but a flat list
+    of declarations, one flag each: nothing in it needs following."""
     add(data, "--data", "DIR", str, "folder of training audio, searched recursively")
     add(data, "--out", "DIR", str, "run folder for checkpoints, samples and metrics", required=True)
     add(
@@ -123,7 +131,9 @@ def build_parser() -> argparse.ArgumentParser:
         "sounds stop (for short clips such as spoken words)",
     )
 
-    model = parser.add_argument_group("model")
+
+def add_model_flags(model) -> None:
+    """The preset, a --config file, and the SaShiMiConfig fields a flag may set (MODEL_FLAGS)."""
     model.add_argument(
         "--preset",
         choices=sorted(PRESETS),
@@ -157,7 +167,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add(model, "--dropout", "P", float, "dropout probability (default: from the preset)")
 
-    loop = parser.add_argument_group("training")
+
+def add_training_flags(loop) -> None:
+    """The TrainConfig fields of the loop, --init and --resume."""
     add(loop, "--steps", "N", int, "optimiser steps in all (a resumed run counts from its start)")
     add(loop, "--batch-size", "B", int, "windows per step and process")
     add(loop, "--lr", "LR", float, "peak learning rate; S4's dt, A, B use at most 1e-3")
@@ -194,7 +206,6 @@ def build_parser() -> argparse.ArgumentParser:
         default=False,
         help="continue the run in --out from its last/ checkpoint, exactly",
     )
-    return parser
 
 
 def resolve(args: argparse.Namespace) -> tuple[SaShiMiConfig, TrainConfig, bool]:
