@@ -96,6 +96,28 @@ def _inlined(fn):
 ) = range(17)  # fmt: skip
 
 SQRT_HALF = np.float32(math.sqrt(0.5))
+TANH_CLAMP = np.float32(7.90531110763549805)  # tanh rounds to +-1 in float32 beyond this
+TANH_NUMERATOR = tuple(  # odd part: a13, a11, ..., a1 (Eigen's float tanh, see _sigmoid)
+    np.float32(a)
+    for a in (
+        -2.76076847742355e-16,
+        2.00018790482477e-13,
+        -8.60467152213735e-11,
+        5.12229709037114e-08,
+        1.48572235717979e-05,
+        6.37261928875436e-04,
+        4.89352455891786e-03,
+    )
+)
+TANH_DENOMINATOR = tuple(  # even part: b6, b4, b2, b0
+    np.float32(b)
+    for b in (
+        1.19825839466702e-06,
+        1.18534705686654e-04,
+        2.26843463243900e-03,
+        4.89352518554385e-03,
+    )
+)
 ERF_COEFFICIENTS = tuple(  # a6 ... a1, a0 of A&S 7.1.28 (see _erf)
     np.float32(a)
     for a in (0.0000430638, 0.0002765672, 0.0001520143, 0.0092705272, 0.0422820123, 0.0705230784, 1)
@@ -145,6 +167,24 @@ def _erf(v):
 
 
 @_compiled
+def _sigmoid(v):
+    """1 / (1 + exp(-v)) as 1/2 + tanh(v/2) / 2, with tanh the rational minimax fit Eigen uses
+    for float (odd degree 13 over even degree 6, clamped). Within 1.5e-7 of the exact sigmoid
+    (measured over [-30, 30]; float32 1 / (1 + exp(-v)) is within 9e-8), and only arithmetic,
+    so the GLU loop vectorises instead of calling libm's expf per element (~8% of an sc09 step
+    at 16 rows, measured)."""
+    x = min(max(v * np.float32(0.5), -TANH_CLAMP), TANH_CLAMP)
+    x2 = x * x
+    p = np.float32(0.0)
+    for a in TANH_NUMERATOR:
+        p = p * x2 + a
+    q = np.float32(0.0)
+    for b in TANH_DENOMINATOR:
+        q = q * x2 + b
+    return np.float32(0.5) + np.float32(0.5) * (x * p / q)
+
+
+@_compiled
 def _gelu_(x, n):
     """GELU in place over x[:n], the exact form torch uses by default: v/2 (1 + erf(v / sqrt 2))."""
     for i in range(n):
@@ -155,33 +195,69 @@ def _gelu_(x, n):
 @_compiled
 def _linear(x, W, b, y, rows, n_in, n_out, accumulate):
     """y = x W + b, or y += x W + b when accumulate: x (rows, n_in), W (n_in, n_out) (the
-    transposed torch weight), b (n_out,). Four inputs per pass over a row of y, so each load and
-    store of y carries four multiply-adds; the inner loop runs contiguous and vectorises."""
+    transposed torch weight), b (n_out,).
+
+    Register blocking: a pass over the outputs takes four inputs of four rows at once, so each
+    weight loaded serves four rows and each load and store of y carries four multiply-adds; the
+    inner loop runs over contiguous outputs and vectorises. 35-39 G multiply-adds/s at sc09's
+    shapes with 16 rows against 24-30 for one row at a time (measured; scipy's BLAS made 29-34
+    and wants its threads held to one)."""
     for r in range(rows):
-        y_r = y[r * n_out : (r + 1) * n_out]
         if accumulate:
             for o in range(n_out):
-                y_r[o] += b[o]
+                y[r * n_out + o] += b[o]
         else:
             for o in range(n_out):
-                y_r[o] = b[o]
-    i = 0
-    while i + 4 <= n_in:
-        w0, w1 = W[i * n_out : (i + 1) * n_out], W[(i + 1) * n_out : (i + 2) * n_out]
-        w2, w3 = W[(i + 2) * n_out : (i + 3) * n_out], W[(i + 3) * n_out : (i + 4) * n_out]
-        for r in range(rows):
-            x_r, y_r = x[r * n_in + i : r * n_in + i + 4], y[r * n_out : (r + 1) * n_out]
-            x0, x1, x2, x3 = x_r[0], x_r[1], x_r[2], x_r[3]
+                y[r * n_out + o] = b[o]
+    r = 0
+    while r + 4 <= rows:  # four rows at a time
+        y0, y1, y2, y3 = (
+            y[r * n_out :],
+            y[(r + 1) * n_out :],
+            y[(r + 2) * n_out :],
+            y[(r + 3) * n_out :],
+        )
+        x0, x1, x2, x3 = (
+            x[r * n_in :],
+            x[(r + 1) * n_in :],
+            x[(r + 2) * n_in :],
+            x[(r + 3) * n_in :],
+        )
+        for i in range(0, n_in - 3, 4):
+            w0, w1, w2, w3 = (
+                W[i * n_out :],
+                W[(i + 1) * n_out :],
+                W[(i + 2) * n_out :],
+                W[(i + 3) * n_out :],
+            )
+            a0, a1, a2, a3 = x0[i], x0[i + 1], x0[i + 2], x0[i + 3]
+            b0, b1, b2, b3 = x1[i], x1[i + 1], x1[i + 2], x1[i + 3]
+            c0, c1, c2, c3 = x2[i], x2[i + 1], x2[i + 2], x2[i + 3]
+            d0, d1, d2, d3 = x3[i], x3[i + 1], x3[i + 2], x3[i + 3]
             for o in range(n_out):
-                y_r[o] += x0 * w0[o] + x1 * w1[o] + x2 * w2[o] + x3 * w3[o]
-        i += 4
-    while i < n_in:
-        w_i = W[i * n_out : (i + 1) * n_out]
-        for r in range(rows):
-            x_ri, y_r = x[r * n_in + i], y[r * n_out : (r + 1) * n_out]
+                p, q, s, t = w0[o], w1[o], w2[o], w3[o]
+                y0[o] += a0 * p + a1 * q + a2 * s + a3 * t
+                y1[o] += b0 * p + b1 * q + b2 * s + b3 * t
+                y2[o] += c0 * p + c1 * q + c2 * s + c3 * t
+                y3[o] += d0 * p + d1 * q + d2 * s + d3 * t
+        r += 4
+    while r < rows:  # the rest one by one
+        y0, x0 = y[r * n_out :], x[r * n_in :]
+        for i in range(0, n_in - 3, 4):
+            w0, w1, w2, w3 = (
+                W[i * n_out :],
+                W[(i + 1) * n_out :],
+                W[(i + 2) * n_out :],
+                W[(i + 3) * n_out :],
+            )
+            a0, a1, a2, a3 = x0[i], x0[i + 1], x0[i + 2], x0[i + 3]
             for o in range(n_out):
-                y_r[o] += x_ri * w_i[o]
-        i += 1
+                y0[o] += a0 * w0[o] + a1 * w1[o] + a2 * w2[o] + a3 * w3[o]
+        r += 1
+    for i in range(n_in // 4 * 4, n_in):  # inputs left over by the fours
+        for r in range(rows):
+            for o in range(n_out):
+                y[r * n_out + o] += x[r * n_in + i] * W[i * n_out + o]
 
 
 @_compiled
@@ -293,7 +369,7 @@ def _block(w, s, net, block, h, rows, H, eps):
     for r in range(rows):
         for c in range(H):  # GLU: first half times the sigmoid of the second
             a, b = gate[2 * H * r + c], gate[2 * H * r + H + c]
-            h[r * H + c] += a / (np.float32(1.0) + np.exp(-b))
+            h[r * H + c] += a * _sigmoid(b)
 
     _layer_norm(h, w[block[FF_NORM_W] :], w[block[FF_NORM_B] :], eps, z, rows, H)
     _linear(z, w[block[FF_IN_W] :], w[block[FF_IN_B] :], hidden, rows, H, ff, False)
