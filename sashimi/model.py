@@ -269,11 +269,11 @@ class StackState:
     ssm: tuple[DiagonalStep | DPLRStep, ...]  # per S4 layer: A_bar, B_bar, C, D, ...
     label_bias: tuple[Tensor, ...] | None = None  # per S4 layer: (batch, H); None: no labels
 
-    def for_batch(self, batch: int) -> "StackState":
+    def select(self, rows: Tensor) -> "StackState":
         label_bias = self.label_bias
         if label_bias is not None:
-            label_bias = tuple(_repeat_clip(c, batch) for c in label_bias)
-        return StackState(tuple(_repeat_clip(x, batch) for x in self.x), self.ssm, label_bias)
+            label_bias = tuple(c[rows] for c in label_bias)
+        return StackState(tuple(x[rows] for x in self.x), self.ssm, label_bias)
 
     def biases(self) -> tuple[Tensor | None, ...]:
         return _per_layer(self.label_bias, len(self.x))
@@ -282,11 +282,6 @@ class StackState:
 def _per_layer(label_bias: tuple[Tensor, ...] | None, n_layers: int) -> tuple[Tensor | None, ...]:
     """c_k of each S4 layer; a None for each when the model has no labels."""
     return label_bias if label_bias is not None else (None,) * n_layers
-
-
-def _repeat_clip(t: Tensor, batch: int) -> Tensor:
-    """(1, ...) -> (batch, ...), a copy of its own."""
-    return t.expand(batch, *t.shape[1:]).clone()
 
 
 class Stack(nn.Module):
@@ -425,11 +420,9 @@ class TierState:
     upsampled: Tensor  # (batch, p, H)
     stack: StackState
 
-    def for_batch(self, batch: int) -> "TierState":
-        pending = tuple(_repeat_clip(x, batch) for x in self.pending)
-        return TierState(
-            self.position, pending, _repeat_clip(self.upsampled, batch), self.stack.for_batch(batch)
-        )
+    def select(self, rows: Tensor) -> "TierState":
+        pending = tuple(x[rows] for x in self.pending)
+        return TierState(self.position, pending, self.upsampled[rows], self.stack.select(rows))
 
 
 @dataclass(frozen=True)
@@ -443,12 +436,14 @@ class SaShiMiState:
         """How many sequences this state steps at once (the batch of model.step)."""
         return self.center.x[0].shape[0]
 
+    def select(self, rows: Tensor) -> "SaShiMiState":
+        """The state of the given rows (an index tensor, repeats allowed), as copies of their own."""
+        return SaShiMiState(tuple(t.select(rows) for t in self.tiers), self.center.select(rows))
+
     def for_batch(self, batch: int) -> "SaShiMiState":
         """This state of one clip as the state of `batch` identical clips (e.g. one prompt read
         once by prime, then continued in several ways)."""
-        return SaShiMiState(
-            tuple(t.for_batch(batch) for t in self.tiers), self.center.for_batch(batch)
-        )
+        return self.select(torch.zeros(batch, dtype=torch.long, device=self.center.x[0].device))
 
 
 # --- the network ---------------------------------------------------------------------------------
