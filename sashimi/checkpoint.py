@@ -224,7 +224,7 @@ class TrainerState:
     valid_bits_unlabelled: float | None = None  # a labelled model's, with every field unknown
     best_valid_bits: float = math.inf  # the validation that best/ holds; saved as null until one
     world_size: int = 1  # processes, each with its own row in the torch random states
-    train_config: dict = field(default_factory=dict)  # train.loop.TrainConfig.to_dict()
+    train_config: dict = field(default_factory=dict)  # train.config.TrainConfig.to_dict()
     commands: list[str] = field(default_factory=list)  # the first command, then each resume's
     optimizer: dict = field(default_factory=dict)  # torch.optim.Optimizer.state_dict()
     rng: dict[str, torch.Tensor] = field(default_factory=dict)  # random generator states by name

@@ -25,8 +25,9 @@ from sashimi.checkpoint import (
 )
 from sashimi.model import SaShiMi, SaShiMiConfig
 from train.__main__ import build_parser, main, resolve
+from train.config import TrainConfig
 from train.distributed import weights_sha1
-from train.loop import TrainConfig, lr_factor, make_optimizer
+from train.loop import lr_factor, make_optimizer
 from train.report import append_metrics
 
 REPO = Path(__file__).resolve().parent.parent

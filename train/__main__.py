@@ -19,7 +19,8 @@ from sashimi.checkpoint import DiskFullError, load_checkpoint, resolve_save
 from sashimi.cli import Parser, add_device_argument
 from sashimi.model import KERNELS, PRESETS, SaShiMiConfig
 
-from .loop import TrainConfig, resume_configs, train
+from .config import TrainConfig
+from .loop import resume_configs, train
 
 FIELDS = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
 EXAMPLES = """examples:

@@ -11,6 +11,7 @@ validate, write samples, save), then a last validation and save. The run directo
     RUN_DIR/metrics.png     the curves of metrics.csv
     RUN_DIR/manifest.json   the scanned files of --data (manifest_valid.json for --valid-data)
 
+The settings are a TrainConfig (train/config.py); the audio is read once by train/data.py.
 sashimi/checkpoint.py writes the folders and reads them back (TrainerState: where the run stands);
 train/report.py composes their metrics.json and card.md and writes metrics.csv, metrics.png and
 the samples. Under torchrun every process trains on its own share of each batch
@@ -18,7 +19,6 @@ the samples. Under torchrun every process trains on its own share of each batch
 """
 
 import dataclasses
-import json
 import logging
 import math
 import sys
@@ -39,35 +39,13 @@ from sashimi.checkpoint import (
     replace_checkpoint,
     resolve_save,
 )
-from sashimi.data import (
-    AudioFolder,
-    Clip,
-    Window,
-    cut_windows,
-    encode_windows,
-    make_batch,
-    split_by_file,
-    take_windows,
-)
+from sashimi.data import make_batch, take_windows
 from sashimi.evaluate import evaluate_bits
-from sashimi.labels import (
-    LabelSpec,
-    Vocabulary,
-    build_vocabulary,
-    describe,
-    drop_labels,
-    label_tensor,
-    read_labels,
-)
-from sashimi.model import (
-    IGNORE_INDEX,
-    SaShiMi,
-    SaShiMiConfig,
-    config_from_dict,
-    is_label_parameter,
-    nll_bits,
-)
+from sashimi.labels import drop_labels, label_tensor
+from sashimi.model import IGNORE_INDEX, SaShiMi, SaShiMiConfig, is_label_parameter, nll_bits
 
+from .config import TrainConfig
+from .data import RunData, load_data
 from .distributed import (
     barrier,
     finish,
@@ -90,70 +68,6 @@ log = logging.getLogger(__name__)
 
 SSM_MAX_LR = 1e-3  # S4's dt, A, B (and P) train at most this fast, without weight decay (S4 paper)
 MAX_NONFINITE_STEPS = 5  # consecutive steps with a non-finite loss or gradient before giving up
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    """Everything about a training run except the model (that is SaShiMiConfig)."""
-
-    data: str  # folder of audio, searched recursively
-    out: str  # run directory
-    valid_data: str | None = None  # validation folder; None: a hash split of `data`
-    valid_fraction: float = 0.1  # share of `data` files held out when valid_data is None
-    exclude: tuple[str, ...] = ()  # globs on paths under the data folders, e.g. "*_yweweler_*"
-    seq_len: int = 8192  # samples per training window, a multiple of the model's total pooling
-    min_seconds: float = 0.1  # shorter files are skipped; shorter windows are padded to seq_len
-    gain_db: float = 0.0  # training windows scaled by a random gain in [-gain_db, gain_db] dB
-    labels: str | None = None  # "folder" or a regex with named groups (sashimi/labels.py)
-    label_dropout: float = 0.15  # each field of each window is made unknown with this probability
-    score_padding: bool = False  # score the silence after a clip's end: the model learns to stop
-    init: str | None = None  # checkpoint to start from (same architecture; new label weights at 0)
-    recompute_activations: bool = False  # SaShiMi.recompute_activations: less memory, more time
-    steps: int = 20_000
-    batch_size: int = 16  # windows per step and process
-    lr: float = 2e-3  # peak learning rate (the SSM parameters use min(lr, SSM_MAX_LR))
-    weight_decay: float = 0.01  # AdamW, on every parameter but the SSM ones
-    warmup: int = 500  # steps of linear warmup before the cosine decay to 0
-    grad_clip: float = 1.0  # max gradient norm; 0 turns clipping off
-    log_every: int = 20  # steps per row of metrics.csv
-    valid_every: int = 500
-    save_every: int = 500
-    num_samples: int = 2  # clips generated at each validation
-    sample_seconds: float = 1.0
-    seed: int = 0
-    device: str = "auto"
-
-    def __post_init__(self):
-        object.__setattr__(self, "exclude", tuple(self.exclude))
-        at_least_one = ("seq_len", "steps", "batch_size", "log_every", "valid_every", "save_every")
-        for name in at_least_one:
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
-        at_least_zero = (
-            "min_seconds",
-            "gain_db",
-            "weight_decay",
-            "warmup",
-            "grad_clip",
-            "num_samples",
-            "sample_seconds",
-        )
-        if not 0 <= self.label_dropout <= 1:
-            raise ValueError(f"label_dropout must be in [0, 1], got {self.label_dropout}")
-        for name in at_least_zero:
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name} must not be negative, got {getattr(self, name)}")
-        if not 0 <= self.valid_fraction < 1:
-            raise ValueError(f"valid_fraction must be in [0, 1), got {self.valid_fraction}")
-        if not self.lr > 0:
-            raise ValueError(f"lr must be positive, got {self.lr}")
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "TrainConfig":
-        return config_from_dict(cls, d, "training settings")
 
 
 # --- schedule and optimiser ----------------------------------------------------------------------
@@ -184,97 +98,6 @@ def make_optimizer(model: SaShiMi, cfg: TrainConfig) -> torch.optim.AdamW:
         },
     ]
     return torch.optim.AdamW(groups, lr=cfg.lr)
-
-
-# --- data ----------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class RunData:
-    """What a run trains and validates on, decoded once into memory."""
-
-    config: SaShiMiConfig  # the model's settings, at the rate and with the labels of the data
-    train_clips: list[Clip]
-    valid_clips: list[Clip]
-    windows: list[Window]  # the training windows, each at most seq_len samples
-    train_labels: list  # the labels of each training clip; [] without --labels
-    valid_tokens: list[torch.Tensor]  # the validation windows as tokens
-    valid_label_rows: torch.Tensor | None  # their labels (label_tensor), None without --labels
-
-
-def load_data(
-    config: SaShiMiConfig, cfg: TrainConfig, *, rate_from_data: bool, resume: bool, master: bool
-) -> RunData:
-    """Scan, decode and split the audio of cfg.data (and cfg.valid_data), read its labels and
-    cut it into windows. Rank 0 also writes the manifests and logs the settings."""
-    run_dir = Path(cfg.out)
-    folder = AudioFolder.scan(cfg.data, cfg.exclude, run_dir / "manifest.json", ignore=(run_dir,))
-    if rate_from_data:
-        config = dataclasses.replace(config, sample_rate=folder.common_rate())
-    sample_rate = config.sample_rate
-    min_samples = max(1, round(cfg.min_seconds * sample_rate))
-    clips = folder.load(sample_rate, min_samples)
-    if cfg.valid_data is None:
-        train_clips, valid_clips = split_by_file(clips, cfg.valid_fraction)
-    else:
-        valid_folder = AudioFolder.scan(
-            cfg.valid_data, cfg.exclude, run_dir / "manifest_valid.json", ignore=(run_dir,)
-        )
-        train_clips, valid_clips = clips, valid_folder.load(sample_rate)
-    vocabulary, train_labels, valid_labels = read_run_labels(cfg, train_clips, valid_clips)
-    if resume and vocabulary != config.labels:
-        raise ValueError(
-            f"the labels of {cfg.data} differ from those {run_dir}/last was trained with; "
-            "resume with the same data, or start a new --out"
-        )
-    config = dataclasses.replace(config, labels=vocabulary)
-    if master:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        folder.save_manifest(run_dir / "manifest.json")
-        if cfg.valid_data is not None:
-            valid_folder.save_manifest(run_dir / "manifest_valid.json")
-        log.info(json.dumps({"model": config.to_dict(), "train": cfg.to_dict()}, indent=2))
-    config.check_length(cfg.seq_len, "seq_len")
-    valid_windows = cut_windows(valid_clips, cfg.seq_len)
-    valid_label_rows = None
-    if vocabulary:
-        valid_label_rows = label_tensor(vocabulary, [valid_labels[w.clip] for w in valid_windows])
-    if not valid_clips:
-        log.warning(
-            "no validation files (one usable file, or valid_fraction 0): best/ is not written"
-        )
-    return RunData(
-        config=config,
-        train_clips=train_clips,
-        valid_clips=valid_clips,
-        windows=cut_windows(train_clips, cfg.seq_len, min_samples),
-        train_labels=train_labels,
-        valid_tokens=encode_windows(
-            valid_clips, valid_windows, config.quantization, config.n_classes
-        ),
-        valid_label_rows=valid_label_rows,
-    )
-
-
-def read_run_labels(
-    cfg: TrainConfig, train_clips: list, valid_clips: list
-) -> tuple[Vocabulary, list, list]:
-    """(vocabulary, labels of each training clip, of each validation clip) for cfg.labels;
-    ({}, [], []) without labels. Logs the vocabulary once."""
-    if cfg.labels is None:
-        return {}, [], []
-    spec = LabelSpec.parse(cfg.labels)
-    train_labels = read_labels(spec, [c.path for c in train_clips], "training")
-    vocabulary = build_vocabulary(spec.fields, train_labels)
-    empty = [field for field, values in vocabulary.items() if not values]
-    if empty:
-        raise ValueError(
-            f"--labels {cfg.labels!r} gives no training file a value for {', '.join(empty)}; "
-            f"paths look like {train_clips[0].path!r}"
-        )
-    valid_labels = read_labels(spec, [c.path for c in valid_clips], "validation", vocabulary)
-    log.info(f"labels:\n{describe(vocabulary)}")
-    return vocabulary, train_labels, valid_labels
 
 
 # --- where the run starts and stands -----------------------------------------------------------
