@@ -100,7 +100,7 @@ def make_optimizer(model: SaShiMi, cfg: TrainConfig) -> torch.optim.AdamW:
     return torch.optim.AdamW(groups, lr=cfg.lr)
 
 
-# --- where the run starts and stands -----------------------------------------------------------
+# --- where the run starts and stands -------------------------------------------------------------
 
 
 def start_from(model: SaShiMi, directory: str) -> None:

@@ -24,7 +24,7 @@ from sashimi.plots import save_figure_png
 METRICS_COLUMNS = ("step", "train_bits", "valid_bits", "lr", "samples_per_s", "elapsed_s")
 
 
-# --- metrics.json and card.md of a save --------------------------------------------------------
+# --- metrics.json and card.md of a save ----------------------------------------------------------
 
 
 @dataclass(frozen=True)
