@@ -7,6 +7,8 @@ Measured, per device (CPU, and CUDA when present) and batch size:
   torch_engine  the same with Generator.fused = False: TorchStep (SaShiMi.step) plus Sampler,
                 the engine on CUDA (there with its CUDA graph);
   functional    SaShiMi.step alone (a new state every sample), same settings, no sampling;
+  fused split   on the CPU from batch 2: one FusedStep against SplitFusedStep (two groups of
+                clips stepped at once on two threads), the choice behind fast_step.SPLIT_MIN_CLIPS;
   naive         recompute the convolution-mode forward over the whole context for every new
                 sample (what a model without a recurrent mode does), at a short length;
 and on the CPU, up to batch 16, the settings behind fast_step.step_settings (threads, oneDNN)
@@ -44,8 +46,8 @@ import torch  # noqa: E402
 
 from sashimi import SaShiMi, SaShiMiConfig  # noqa: E402
 from sashimi.checkpoint import load_checkpoint  # noqa: E402
-from sashimi.fast_step import step_settings  # noqa: E402
-from sashimi.generate import Generator  # noqa: E402
+from sashimi.fast_step import FusedStep, SplitFusedStep, step_settings  # noqa: E402
+from sashimi.generate import Generator, Sampler  # noqa: E402
 from sashimi.model import Stack  # noqa: E402
 
 TARGET_CPU = {"1": 1500, "16": 1000}
@@ -195,6 +197,26 @@ def step_loop(model: SaShiMi, batch: int, steps: int, settings):
                 _, state = model.step(token, state)
             if device.type == "cuda":
                 torch.cuda.synchronize()
+
+    return run
+
+
+def fused_loop(model: SaShiMi, batch: int, steps: int, split: bool):
+    """`steps` (whole periods) of one FusedStep over the batch, or of SplitFusedStep's two groups
+    stepped at once, with sampling, from the start token: what fast_step.fused_step picks between."""
+    period = model.config.total_pool
+
+    def run():
+        with torch.inference_mode():
+            step = (SplitFusedStep if split else FusedStep)(
+                model, model.initial_state(batch), batch
+            )
+            sampler = Sampler(batch, model.config.n_classes, period, torch.device("cpu"), 0)
+            logits = step(torch.full((batch,), model.start_token))
+            out = torch.empty(batch, period, dtype=torch.long)
+            for _ in range(steps // period):
+                sampler.draw_noise(period)
+                logits = step.run(period, logits, sampler, out)
 
     return run
 
@@ -397,6 +419,18 @@ def main(argv: list[str] | None = None) -> int:
                 "naive_steps_per_s": naive,
                 "engine_over_naive": over(naive),
             }
+            if engine.fused and batch > 1:
+                n = steps["engine"]
+                split = median_rates(
+                    {
+                        "one_group": (fused_loop(model, batch, n, False), n),
+                        "split": (fused_loop(model, batch, n, True), n),
+                    },
+                    args.repeats,
+                )
+                row["fused_one_group_steps_per_s"] = split["one_group"]
+                row["fused_split_steps_per_s"] = split["split"]
+                row["split_over_one_group"] = over(split["one_group"], split["split"])
             if device == "cpu" and batch <= 16:  # two threads crawl at batch 64 (1-2 steps/s)
                 n = steps["functional"]
                 settings_runs = {

@@ -26,7 +26,8 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from sashimi.model import SaShiMi, SaShiMiConfig, nll_bits  # noqa: E402
-from train.loop import TrainConfig, make_optimizer  # noqa: E402
+from train.config import TrainConfig  # noqa: E402
+from train.loop import make_optimizer  # noqa: E402
 
 DEFAULT_CONFIGS = [
     "sc09:diagonal:1:16000",

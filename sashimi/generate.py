@@ -38,7 +38,7 @@ from tqdm import tqdm
 
 from .audio import decode, encode
 from .checkpoint import DEFAULT_CHECKPOINT, is_checkpoint, load_checkpoint
-from .fast_step import FusedStep, PeriodGraph, TorchStep, step_settings
+from .fast_step import FusedStep, PeriodGraph, SplitFusedStep, TorchStep, fused_step, step_settings
 from .labels import UNKNOWN, Labels, check_labels, label_tensor
 from .model import SaShiMi
 
@@ -276,10 +276,10 @@ class Generator:
         prompt: np.ndarray | None = None,
         labels: Tensor | None = None,
         guidance: float = 1.0,
-    ) -> tuple[Tensor, "TorchStep | FusedStep"]:
+    ) -> tuple[Tensor, "TorchStep | FusedStep | SplitFusedStep"]:
         """The logits for the first new sample (batch, n_classes) and the step that goes on from
-        there, holding the state (two rows per clip when guided): a FusedStep when self.fused,
-        else a TorchStep.
+        there, holding the state (two rows per clip when guided): a fused step when self.fused
+        (fast_step.fused_step), else a TorchStep.
 
         No prompt: one step on the start token. A prompt: one parallel pass over [start] + prompt
         (model.prime), once for an unlabelled model and its state then copied to each clip, or
@@ -289,7 +289,7 @@ class Generator:
         if labels is not None and guidance != 1:
             labels = torch.cat([labels, torch.full_like(labels, UNKNOWN)])
         rows = batch_size if labels is None else labels.shape[0]
-        stepper = FusedStep if self.fused else TorchStep
+        stepper = fused_step if self.fused else TorchStep
         with step_settings(self.device):
             if prompt is None:
                 step = stepper(
@@ -396,13 +396,13 @@ class Generator:
     def _run(
         k: int,
         logits: Tensor,
-        step: "TorchStep | FusedStep",
+        step: "TorchStep | FusedStep | SplitFusedStep",
         sampler: Sampler,
         out: Tensor,
         graph: "PeriodGraph | None",
     ) -> Tensor:
         """k steps: draw a class per clip into out[:, j], step on it. Returns the next logits."""
-        if isinstance(step, FusedStep):  # the draws and steps in one compiled call
+        if not isinstance(step, TorchStep):  # the draws and steps in one compiled call
             return step.run(k, logits, sampler, out)
         if graph is not None and k == graph.period:
             next_logits = graph.replay(logits, out)

@@ -16,6 +16,7 @@ import torch
 
 from sashimi import SaShiMi, SaShiMiConfig
 from sashimi.fast_step import FusedStep, PeriodGraph, TorchStep, step_settings
+from sashimi.fast_step.fused import SPLIT_MIN_CLIPS, SplitFusedStep
 from sashimi.generate import Generator, Sampler
 from sashimi.labels import UNKNOWN
 
@@ -78,7 +79,8 @@ def test_fused_step_matches_the_functional_step(case):
     assert worst <= 1e-4
 
 
-def test_fused_step_carries_label_biases_and_guides_as_generate_does():
+@pytest.mark.parametrize("fused_step", [FusedStep, SplitFusedStep])
+def test_fused_step_carries_label_biases_and_guides_as_generate_does(fused_step):
     model = labelled_model(pool=(2, 2))
     batch, guidance = 2, 3.0
     given = torch.tensor([[1, 2], [3, UNKNOWN]])
@@ -88,7 +90,7 @@ def test_fused_step_carries_label_biases_and_guides_as_generate_does():
     with torch.no_grad():
         state = primed(model, batch, labels=rows)
         reference = TorchStep(model, state, batch, guidance)
-        fused = FusedStep(model, state, batch, guidance)
+        fused = fused_step(model, state, batch, guidance)
         assert fused.guided
         for t in range(tokens.shape[1]):
             expected = reference(tokens[:, t])
@@ -133,8 +135,10 @@ def sample_with_torch(model, state, batch, sampler, start, periods, period, guid
     return out
 
 
+@pytest.mark.parametrize("fused_step", [FusedStep, SplitFusedStep])
 @pytest.mark.parametrize("sampling", SAMPLING)
-def test_fused_sampling_draws_the_engines_tokens_for_the_same_seed(sampling):
+def test_fused_sampling_draws_the_engines_tokens_for_the_same_seed(sampling, fused_step):
+    """SplitFusedStep: clips 0 and 1-2 in two groups, each with its own settings and noise."""
     model = small_model(pool=(4, 4))
     batch, period, periods = 3, model.config.total_pool, 64
     kwargs = SAMPLING[sampling]
@@ -144,7 +148,7 @@ def test_fused_sampling_draws_the_engines_tokens_for_the_same_seed(sampling):
 
     with torch.no_grad():
         state = primed(model, batch)
-        fused = FusedStep(model, state, batch)  # a copy of the state, before torch steps it
+        fused = fused_step(model, state, batch)  # a copy of the state, before torch steps it
         start = torch.full((batch,), model.start_token)
         expected = sample_with_torch(model, state, batch, sampler(), start, periods, period)
         logits = fused(start)
@@ -282,3 +286,24 @@ def test_cpu_step_settings_hold_until_the_last_overlapping_generation_ends():
         assert (torch.get_num_threads(), torch.backends.mkldnn.enabled) == (2, True)
     finally:
         torch.set_num_threads(threads)
+
+
+def test_generator_splits_a_large_batch_over_two_groups_with_the_audio_of_torchs_step():
+    model = labelled_model(pool=(2, 2))
+    generator = Generator(model, device="cpu")
+    batch = SPLIT_MIN_CLIPS + 1  # groups of 4 and 5 clips where two cores are
+    kwargs = dict(
+        batch_size=batch,
+        seed=list(range(batch)),
+        labels=[{"digit": str(r % 3)} for r in range(batch)],
+        guidance=2.0,
+        chunk_size=7,
+        show_progress=False,
+    )
+    with torch.inference_mode():
+        step = generator.start(batch, labels=generator.label_rows(kwargs["labels"], batch))[1]
+    if len(os.sched_getaffinity(0)) > 1:
+        assert isinstance(step, SplitFusedStep) and len(step.steps) == 2
+    fused = generator.generate(200, **kwargs)
+    generator.fused = False
+    np.testing.assert_array_equal(fused, generator.generate(200, **kwargs))

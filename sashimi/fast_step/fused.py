@@ -17,8 +17,11 @@ caches it on disk (`_compiled`). The arithmetic is SaShiMi.step's, in float32, s
 order: tests/test_fast_step.py holds the two within 1e-4 in the logits over 4,096 steps.
 """
 
+import functools
 import logging
 import math
+import os
+from concurrent.futures import ThreadPoolExecutor
 
 import numba
 import numpy as np
@@ -192,6 +195,12 @@ def _gelu_(x, n):
         x[i] = np.float32(0.5) * v * (np.float32(1.0) + _erf(v * SQRT_HALF))
 
 
+@_inlined
+def _four_rows(a, i, n):
+    """Rows i to i + 3 of a flat row-major array with rows of n, as views from each row's start."""
+    return a[i * n :], a[(i + 1) * n :], a[(i + 2) * n :], a[(i + 3) * n :]
+
+
 @_compiled
 def _linear(x, W, b, y, rows, n_in, n_out, accumulate):
     """y = x W + b, or y += x W + b when accumulate: x (rows, n_in), W (n_in, n_out) (the
@@ -211,25 +220,10 @@ def _linear(x, W, b, y, rows, n_in, n_out, accumulate):
                 y[r * n_out + o] = b[o]
     r = 0
     while r + 4 <= rows:  # four rows at a time
-        y0, y1, y2, y3 = (
-            y[r * n_out :],
-            y[(r + 1) * n_out :],
-            y[(r + 2) * n_out :],
-            y[(r + 3) * n_out :],
-        )
-        x0, x1, x2, x3 = (
-            x[r * n_in :],
-            x[(r + 1) * n_in :],
-            x[(r + 2) * n_in :],
-            x[(r + 3) * n_in :],
-        )
+        y0, y1, y2, y3 = _four_rows(y, r, n_out)
+        x0, x1, x2, x3 = _four_rows(x, r, n_in)
         for i in range(0, n_in - 3, 4):
-            w0, w1, w2, w3 = (
-                W[i * n_out :],
-                W[(i + 1) * n_out :],
-                W[(i + 2) * n_out :],
-                W[(i + 3) * n_out :],
-            )
+            w0, w1, w2, w3 = _four_rows(W, i, n_out)
             a0, a1, a2, a3 = x0[i], x0[i + 1], x0[i + 2], x0[i + 3]
             b0, b1, b2, b3 = x1[i], x1[i + 1], x1[i + 2], x1[i + 3]
             c0, c1, c2, c3 = x2[i], x2[i + 1], x2[i + 2], x2[i + 3]
@@ -244,12 +238,7 @@ def _linear(x, W, b, y, rows, n_in, n_out, accumulate):
     while r < rows:  # the rest one by one
         y0, x0 = y[r * n_out :], x[r * n_in :]
         for i in range(0, n_in - 3, 4):
-            w0, w1, w2, w3 = (
-                W[i * n_out :],
-                W[(i + 1) * n_out :],
-                W[(i + 2) * n_out :],
-                W[(i + 3) * n_out :],
-            )
+            w0, w1, w2, w3 = _four_rows(W, i, n_out)
             a0, a1, a2, a3 = x0[i], x0[i + 1], x0[i + 2], x0[i + 3]
             for o in range(n_out):
                 y0[o] += a0 * w0[o] + a1 * w1[o] + a2 * w2[o] + a3 * w3[o]
@@ -682,30 +671,34 @@ class FusedStep:
         self._run(1, False, self.no_noise, np.zeros(self.batch, np.bool_), unused, 0, unused)
         return torch.from_numpy(self.combined.copy())
 
-    def run(self, k: int, logits: Tensor, sampler, out: Tensor) -> Tensor:
+    def run(
+        self, k: int, logits: Tensor, sampler, out: Tensor, clips: slice | None = None
+    ) -> Tensor:
         """k samples, as generate.Generator._run: draws with sampler's noise columns [0, k) (and
-        its temperature, top-k and top-p) into out (batch, k), steps on them; the next logits."""
+        its temperature, top-k and top-p) into out (batch, k), steps on them; the next logits.
+        clips: which of the sampler's clips these are (SplitFusedStep), by default all."""
         assert k <= self.tokens.shape[1], f"{k} steps at once; at most one period"
+        clips = clips or slice(0, self.batch)
         self.combined[:] = logits.cpu().numpy()
         greedy = np.full(self.batch, sampler.greedy)
         if sampler.greedy_rows is not None:
-            greedy = sampler.greedy_rows.cpu().numpy()
+            greedy = sampler.greedy_rows[clips].cpu().numpy()
         self._run(
             k,
             True,
-            sampler.noise.numpy(),
+            sampler.noise[clips].numpy(),
             greedy,
-            self._per_clip(sampler.inverse_temperature),
+            self._per_clip(sampler.inverse_temperature, clips),
             sampler.top_k,
-            self._per_clip(sampler.top_p),
+            self._per_clip(sampler.top_p, clips),
         )
         out.copy_(torch.from_numpy(self.tokens[:, :k]))
         return torch.from_numpy(self.combined.copy())
 
-    def _per_clip(self, value: float | Tensor) -> np.ndarray:
-        """A Sampler setting, one float or a column (batch, 1), as float32 (batch,)."""
+    def _per_clip(self, value: float | Tensor, clips: slice) -> np.ndarray:
+        """A Sampler setting, one float or a column (clips, 1), as float32 (batch,)."""
         if isinstance(value, Tensor):
-            return value.reshape(self.batch).cpu().numpy().astype(np.float32)
+            return value[clips].reshape(self.batch).cpu().numpy().astype(np.float32)
         return np.full(self.batch, value, np.float32)
 
     def _run(self, k, sample, noise, greedy, inverse_temperature, top_k, top_p) -> None:
@@ -714,3 +707,76 @@ class FusedStep:
             self.logits, self.combined, self.guided, self.guidance,
             sample, noise, greedy, inverse_temperature, top_k, top_p, self.tokens,
         )  # fmt: skip
+
+
+# From this many clips on, the fused step splits them over two cores when there are two
+# (benchmarks/bench_generation.py: one FusedStep against SplitFusedStep, side by side).
+SPLIT_MIN_CLIPS = 8
+
+
+def fused_step(
+    model: SaShiMi, state: SaShiMiState, batch: int, guidance: float = 1.0
+) -> "FusedStep | SplitFusedStep":
+    """The fused step for `batch` clips: one FusedStep, or from SPLIT_MIN_CLIPS clips on, where
+    the process may run on two cores or more, two groups stepped at once."""
+    if batch >= SPLIT_MIN_CLIPS and len(os.sched_getaffinity(0)) > 1:
+        return SplitFusedStep(model, state, batch, guidance)
+    return FusedStep(model, state, batch, guidance)
+
+
+class SplitFusedStep:
+    """FusedStep over the clips split into contiguous groups, each group a FusedStep of its own,
+    stepped at once: the compiled routine releases the GIL, so with two cores two groups run in
+    parallel (group 0 in the calling thread, the others in a pool). Same interface and the same
+    classes as one FusedStep over all the clips. Generator uses it from SPLIT_MIN_CLIPS clips on,
+    where it measured faster (benchmarks/bench_generation.py)."""
+
+    def __init__(
+        self, model: SaShiMi, state: SaShiMiState, batch: int, guidance: float = 1.0, parts: int = 2
+    ):
+        self.batch, self.guided = batch, state.rows() != batch
+        bounds = [batch * i // parts for i in range(parts + 1)]
+        self.groups = [slice(a, b) for a, b in zip(bounds, bounds[1:], strict=False) if b > a]
+        self.steps = [
+            FusedStep(model, state.select(self._rows(clips)), clips.stop - clips.start, guidance)
+            for clips in self.groups
+        ]
+        self._pool = _thread_pool()
+
+    def _rows(self, clips: slice) -> Tensor:
+        """The state rows of these clips: theirs, and when guided their unlabelled twins."""
+        rows = torch.arange(clips.start, clips.stop)
+        return torch.cat([rows, rows + self.batch]) if self.guided else rows
+
+    def _each(self, work) -> Tensor:
+        """work(step, clips) for every group at once, group 0 here; the results concatenated.
+        The pool's threads take the caller's inference mode (torch keeps it per thread)."""
+        inference = torch.is_inference_mode_enabled()
+
+        def in_callers_mode(step: FusedStep, clips: slice) -> Tensor:
+            with torch.inference_mode(inference):
+                return work(step, clips)
+
+        pending = [
+            self._pool.submit(in_callers_mode, step, clips)
+            for step, clips in zip(self.steps[1:], self.groups[1:], strict=True)
+        ]
+        first = work(self.steps[0], self.groups[0])
+        return torch.cat([first, *(future.result() for future in pending)])
+
+    def combine(self, logits: Tensor) -> Tensor:
+        return self._each(lambda step, clips: step.combine(logits[self._rows(clips)]))
+
+    def __call__(self, token: Tensor) -> Tensor:
+        return self._each(lambda step, clips: step(token[clips]))
+
+    def run(self, k: int, logits: Tensor, sampler, out: Tensor) -> Tensor:
+        return self._each(
+            lambda step, clips: step.run(k, logits[clips], sampler, out[clips], clips)
+        )
+
+
+@functools.cache
+def _thread_pool() -> ThreadPoolExecutor:
+    """One pool for the process: split steps come and go with each request."""
+    return ThreadPoolExecutor(thread_name_prefix="fused-step")
