@@ -25,10 +25,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 from torch import Tensor, nn  # noqa: E402
 
+from sashimi import SaShiMi, SaShiMiConfig  # noqa: E402
 from sashimi.data import AudioFolder, cut_windows, encode_windows, make_batch, take_windows  # noqa: E402
 from sashimi.evaluate import evaluate_bits  # noqa: E402
 from sashimi.labels import LabelSpec, build_vocabulary, drop_labels, label_tensor  # noqa: E402
-from sashimi.model import IGNORE_INDEX, SaShiMi, SaShiMiConfig, nll_bits  # noqa: E402
+from sashimi.model import IGNORE_INDEX, nll_bits  # noqa: E402
 
 FSDD = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "fsdd"
 SPEC = r"(?P<digit>\d)_(?P<speaker>[a-z]+)_"

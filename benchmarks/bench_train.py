@@ -25,7 +25,8 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from sashimi.model import SaShiMi, SaShiMiConfig, nll_bits  # noqa: E402
+from sashimi import SaShiMi, SaShiMiConfig  # noqa: E402
+from sashimi.model import nll_bits  # noqa: E402
 from train.config import TrainConfig  # noqa: E402
 from train.loop import make_optimizer  # noqa: E402
 

@@ -7,6 +7,7 @@ state = model.initial_state(batch)          # recurrent mode
 logits_t, state = model.step(tokens[:, t], state)
 """
 
-from .model import SaShiMi, SaShiMiConfig
+from .config import SaShiMiConfig
+from .model import SaShiMi
 
 __all__ = ["SaShiMi", "SaShiMiConfig"]

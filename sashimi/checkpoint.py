@@ -32,7 +32,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from .model import SaShiMi, SaShiMiConfig
+from .config import SaShiMiConfig
+from .model import SaShiMi
 
 log = logging.getLogger(__name__)
 

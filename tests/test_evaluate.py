@@ -10,11 +10,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from sashimi import SaShiMi, SaShiMiConfig
 from sashimi.audio import encode
 from sashimi.checkpoint import load_checkpoint
 from sashimi.data import AudioFolder
 from sashimi.evaluate import evaluate_bits, main
-from sashimi.model import SaShiMi, SaShiMiConfig
 from train.__main__ import main as train_main
 
 REPO = Path(__file__).resolve().parent.parent

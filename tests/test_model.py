@@ -1,13 +1,12 @@
-"""The SaShiMi network: convolution mode == recurrent mode, causality, config, parameter count."""
+"""The SaShiMi network: convolution mode == recurrent mode, causality, labels, parameter count."""
 
 import dataclasses
-import json
 
 import pytest
 import torch
 
 from sashimi import SaShiMi, SaShiMiConfig
-from sashimi.model import IGNORE_INDEX, PRESETS, is_label_parameter, nll_bits, shift_inputs
+from sashimi.model import IGNORE_INDEX, is_label_parameter, nll_bits, shift_inputs
 
 KERNELS = {
     "diagonal": {"kernel": "diagonal", "disc": "zoh"},
@@ -94,29 +93,6 @@ def test_length_must_be_a_multiple_of_the_total_pooling():
     model = build("tiny", "diagonal")
     with pytest.raises(ValueError, match="not a multiple of the total pooling 16.*992 or 1008"):
         model(torch.zeros(1, 1000, dtype=torch.long))
-
-
-@pytest.mark.parametrize("name", sorted(PRESETS))
-def test_config_round_trips_through_json(name):
-    config = SaShiMiConfig.preset(name)
-    assert SaShiMiConfig.from_dict(json.loads(config.to_json())) == config
-
-
-def test_config_rejects_bad_values_with_the_fix_in_the_message():
-    with pytest.raises(ValueError, match="unknown config keys \\['width'\\]; known keys"):
-        SaShiMiConfig.from_dict({"width": 3})
-    with pytest.raises(
-        ValueError, match="unknown preset 'big'; known presets: \\['sc09', 'tiny'\\]"
-    ):
-        SaShiMiConfig.preset("big")
-    with pytest.raises(ValueError, match="kernel must be one of"):
-        SaShiMiConfig(kernel="fft")
-    with pytest.raises(ValueError, match='needs disc="bilinear"'):
-        SaShiMiConfig(kernel="dplr", disc="zoh")
-    with pytest.raises(ValueError, match='kernel="dplr" is always HiPPO-LegS; init=.lin'):
-        SaShiMiConfig(kernel="dplr", init="lin")
-    assert SaShiMiConfig(kernel="dplr").disc == "bilinear"  # each kernel's own unless told
-    assert SaShiMiConfig().disc == "zoh"
 
 
 @pytest.mark.parametrize("kernel", ["diagonal", "dplr"])
@@ -215,13 +191,6 @@ def test_labels_must_fit_the_model():
         model(tokens, torch.zeros(2, 3, dtype=torch.long))
     with pytest.raises(ValueError, match="model trained without labels"):
         build("tiny", "diagonal")(tokens, torch.zeros(2, 1, dtype=torch.long))
-
-
-def test_labelled_config_round_trips_through_json():
-    config = dataclasses.replace(SaShiMiConfig.preset("tiny"), labels=VOCABULARY)
-    assert SaShiMiConfig.from_dict(json.loads(config.to_json())) == config
-    with pytest.raises(ValueError, match="labels\\['digit'\\] must map each value"):
-        SaShiMiConfig(labels={"digit": []})
 
 
 def test_new_label_weights_start_unconditional():

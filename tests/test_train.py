@@ -16,6 +16,7 @@ import pytest
 import soundfile as sf
 import torch
 
+from sashimi import SaShiMi, SaShiMiConfig
 from sashimi.checkpoint import (
     DiskFullError,
     TrainerState,
@@ -23,7 +24,6 @@ from sashimi.checkpoint import (
     recover_folder,
     replace_folder,
 )
-from sashimi.model import SaShiMi, SaShiMiConfig
 from train.__main__ import build_parser, main, resolve
 from train.config import TrainConfig
 from train.distributed import weights_sha1

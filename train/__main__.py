@@ -17,7 +17,7 @@ from pathlib import Path
 from sashimi.audio import QUANTIZATIONS
 from sashimi.checkpoint import DiskFullError, load_checkpoint, resolve_save
 from sashimi.cli import Parser, add_device_argument
-from sashimi.model import KERNELS, PRESETS, SaShiMiConfig
+from sashimi.config import KERNELS, PRESETS, SaShiMiConfig
 
 from .config import TrainConfig
 from .loop import resume_configs, train

@@ -7,7 +7,7 @@ it in last/trainer_state.json, and --resume reads it back from there.
 import dataclasses
 from dataclasses import dataclass
 
-from sashimi.model import config_from_dict
+from sashimi.config import config_from_dict
 
 
 @dataclass(frozen=True)

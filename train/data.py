@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 
+from sashimi.config import SaShiMiConfig
 from sashimi.data import AudioFolder, Clip, Window, cut_windows, encode_windows, split_by_file
 from sashimi.labels import (
     LabelSpec,
@@ -19,7 +20,6 @@ from sashimi.labels import (
     label_tensor,
     read_labels,
 )
-from sashimi.model import SaShiMiConfig
 
 from .config import TrainConfig
 

@@ -39,10 +39,11 @@ from sashimi.checkpoint import (
     replace_checkpoint,
     resolve_save,
 )
+from sashimi.config import SaShiMiConfig
 from sashimi.data import make_batch, take_windows
 from sashimi.evaluate import evaluate_bits
 from sashimi.labels import drop_labels, label_tensor
-from sashimi.model import IGNORE_INDEX, SaShiMi, SaShiMiConfig, is_label_parameter, nll_bits
+from sashimi.model import IGNORE_INDEX, SaShiMi, is_label_parameter, nll_bits
 
 from .config import TrainConfig
 from .data import RunData, load_data

@@ -16,9 +16,10 @@ from matplotlib.figure import Figure
 from sashimi.audio import write_wav
 from sashimi.checkpoint import TrainerState, atomic_write, reporting_full_disk
 from sashimi.cli import format_duration
+from sashimi.config import SaShiMiConfig
 from sashimi.generate import DEFAULT_GUIDANCE, Generator
 from sashimi.labels import Vocabulary, describe, labels_slug
-from sashimi.model import SaShiMi, SaShiMiConfig
+from sashimi.model import SaShiMi
 from sashimi.plots import save_figure_png
 
 METRICS_COLUMNS = ("step", "train_bits", "valid_bits", "lr", "samples_per_s", "elapsed_s")
