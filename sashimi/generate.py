@@ -353,32 +353,15 @@ class Generator:
             batch_size, self.config.n_classes, period, self.device, seed, temperature, top_k, top_p
         )
         position = 1 if prompt is None else 1 + len(prompt)  # tokens read: start (+ prompt)
-        graph = PeriodGraph(step, sampler, period) if self.device.type == "cuda" else None
+        run = _Sampling(logits, step, sampler, position, period, self.device)
         done = 0
         with tqdm(
             total=num_samples, unit="sample", disable=not show_progress, file=sys.stderr
         ) as bar:
             while done < num_samples:
-                tokens = torch.empty(
-                    batch_size,
-                    min(chunk_size, num_samples - done),
-                    dtype=torch.long,
-                    device=self.device,
-                )
                 with step_settings(self.device):
-                    j = 0
-                    while j < tokens.shape[1]:
-                        # a run ends where the schedule restarts: a full one can be a graph replay
-                        k = min(period - position % period, tokens.shape[1] - j)
-                        sampler.draw_noise(k)
-                        logits = self._run(k, logits, step, sampler, tokens[:, j : j + k], graph)
-                        j, position = j + k, position + k
+                    tokens = run.sample(min(chunk_size, num_samples - done))
                     audio = decode(tokens, self.config.quantization, self.config.n_classes)
-                if not torch.isfinite(logits).all():  # argmax of NaN would go on, as noise
-                    raise FloatingPointError(
-                        f"logits are not finite after {done + tokens.shape[1]} samples; "
-                        "the checkpoint's weights or the state have NaN or inf"
-                    )
                 done += tokens.shape[1]
                 bar.update(tokens.shape[1])
                 if progress is not None:
@@ -391,28 +374,6 @@ class Generator:
         if not chunks:
             return np.zeros((kwargs.get("batch_size", 1), 0), dtype=np.float32)
         return np.concatenate(chunks, axis=1)
-
-    @staticmethod
-    def _run(
-        k: int,
-        logits: Tensor,
-        step: "TorchStep | FusedStep | SplitFusedStep",
-        sampler: Sampler,
-        out: Tensor,
-        graph: "PeriodGraph | None",
-    ) -> Tensor:
-        """k steps: draw a class per clip into out[:, j], step on it. Returns the next logits."""
-        if not isinstance(step, TorchStep):  # the draws and steps in one compiled call
-            return step.run(k, logits, sampler, out)
-        if graph is not None and k == graph.period:
-            next_logits = graph.replay(logits, out)
-            if next_logits is not None:
-                return next_logits
-        for j in range(k):
-            token = sampler(logits, j)
-            out[:, j] = token
-            logits = step(token)
-        return logits
 
     # --- scoring ---------------------------------------------------------------------------------
 
@@ -437,3 +398,53 @@ class Generator:
         with torch.inference_mode():
             bits = self.model.sequence_bits(list(targets), rows)
         return (bits / audio.shape[1]).cpu().numpy()
+
+
+class _Sampling:
+    """A generation under way: the logits for the next sample, the step that holds the state, the
+    sampler, and how many samples the model has read (the phase of its multi-rate schedule)."""
+
+    def __init__(
+        self,
+        logits: Tensor,
+        step: "TorchStep | FusedStep | SplitFusedStep",
+        sampler: Sampler,
+        position: int,
+        period: int,
+        device: torch.device,
+    ):
+        self.logits, self.step, self.sampler = logits, step, sampler
+        self.position, self.period, self.device = position, period, device
+        self.graph = PeriodGraph(step, sampler, period) if device.type == "cuda" else None
+
+    def sample(self, n: int) -> Tensor:
+        """The next n classes of every clip (batch, n), in runs that end where the schedule
+        restarts, so that a full one can be a CUDA graph replay."""
+        tokens = torch.empty(self.sampler.noise.shape[0], n, dtype=torch.long, device=self.device)
+        j = 0
+        while j < n:
+            k = min(self.period - self.position % self.period, n - j)
+            self.sampler.draw_noise(k)
+            self.logits = self._steps(k, tokens[:, j : j + k])
+            j, self.position = j + k, self.position + k
+        if not torch.isfinite(self.logits).all():  # argmax of NaN would go on, as noise
+            raise FloatingPointError(
+                f"logits are not finite after {self.position} samples (prompt included); "
+                "the checkpoint's weights or the state have NaN or inf"
+            )
+        return tokens
+
+    def _steps(self, k: int, out: Tensor) -> Tensor:
+        """k steps: draw a class per clip into out[:, j], step on it. Returns the next logits."""
+        if not isinstance(self.step, TorchStep):  # the draws and steps in one compiled call
+            return self.step.run(k, self.logits, self.sampler, out)
+        if self.graph is not None and k == self.period:
+            next_logits = self.graph.replay(self.logits, out)
+            if next_logits is not None:
+                return next_logits
+        logits = self.logits
+        for j in range(k):
+            token = self.sampler(logits, j)
+            out[:, j] = token
+            logits = self.step(token)
+        return logits
