@@ -135,12 +135,16 @@ def scipy_reference_output(A_r, B_r, C_r, D, method, u):
     return y[:, 0]
 
 
-def recurrence(step, u):
-    x, ys = None, []
+def assert_both_modes_match(y_scipy, y_conv, params, u):
+    """The kernel convolution and the recurrence generation runs (one channel, from x = 0, with
+    these step parameters) both give scipy's output, to 1e-5 of its scale."""
+    x, ys = torch.zeros(1, 1, N // 2, dtype=torch.complex128), []
     for u_k in u:
-        y_k, x = step(u_k, x)
-        ys.append(y_k)
-    return np.array(ys)
+        y, x = params(torch.tensor([[u_k]], dtype=torch.float64), x)
+        ys.append(y.item())
+    scale = np.abs(y_scipy).max()
+    np.testing.assert_allclose(y_conv, y_scipy, rtol=0, atol=1e-5 * scale)
+    np.testing.assert_allclose(np.array(ys), y_scipy, rtol=0, atol=1e-5 * scale)
 
 
 @pytest.mark.parametrize("init", ["legs", "lin"])
@@ -158,15 +162,7 @@ def test_diagonal_kernel_and_recurrence_match_scipy_dlsim(init, method):
     y_conv = causal_conv(u_t, kernel_diagonal(C, A_bar, B_bar, L))[0, 0].numpy() + D * u
 
     params = DiagonalStep(A_bar, B_bar, C, torch.tensor([D], dtype=torch.float64))
-
-    def step(u_k, x):  # the recurrence generation runs, one channel
-        x = torch.zeros(1, 1, N // 2, dtype=torch.complex128) if x is None else x
-        y, x = params(torch.tensor([[u_k]], dtype=torch.float64), x)
-        return y.item(), x
-
-    scale = np.abs(y_scipy).max()
-    np.testing.assert_allclose(y_conv, y_scipy, rtol=0, atol=1e-5 * scale)
-    np.testing.assert_allclose(recurrence(step, u), y_scipy, rtol=0, atol=1e-5 * scale)
+    assert_both_modes_match(y_scipy, y_conv, params, u)
 
 
 def test_dplr_kernel_and_recurrence_match_scipy_dlsim():
@@ -191,16 +187,7 @@ def test_dplr_kernel_and_recurrence_match_scipy_dlsim():
         layer.B.copy_(torch.view_as_real(B[None]))
         layer.C.copy_(torch.view_as_real(C))
         layer.D.fill_(D)
-    params = layer.step_parameters()
-
-    def step(u_k, x):
-        x = torch.zeros(1, 1, N // 2, dtype=torch.complex128) if x is None else x
-        y, x = params(torch.tensor([[u_k]], dtype=torch.float64), x)
-        return y.item(), x
-
-    scale = np.abs(y_scipy).max()
-    np.testing.assert_allclose(y_conv, y_scipy, rtol=0, atol=1e-5 * scale)
-    np.testing.assert_allclose(recurrence(step, u), y_scipy, rtol=0, atol=1e-5 * scale)
+    assert_both_modes_match(y_scipy, y_conv, layer.step_parameters(), u)
 
 
 def test_final_state_matches_stepping():
