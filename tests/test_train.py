@@ -96,6 +96,21 @@ def test_training_lowers_the_loss_and_writes_the_run_folder(audio_folder, tmp_pa
     assert f"{run} already holds a run (last/); pass --resume" in capsys.readouterr().err
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="bf16 autocast training needs CUDA")
+def test_cuda_training_in_bf16_autocast_lowers_the_loss(audio_folder, tmp_path):
+    run = tmp_path / "run"
+    args = ["--data", str(audio_folder), "--out", str(run), *TINY]
+    args[args.index("--device") + 1] = "cuda"
+    args += "--steps 40 --lr 1e-2 --log-every 10 --valid-every 40 --num-samples 1".split()
+    args += ["--sample-seconds", "0.02"]
+    assert main(args) == 0
+    rows = read_metrics(run)
+    first, last = float(rows[0]["train_bits"]), float(rows[-1]["train_bits"])
+    assert last < first - 1.0, (first, last)  # as in float32 on the CPU (the test above)
+    assert math.isfinite(float(rows[-1]["valid_bits"]))
+    assert load_checkpoint(run / "last")[0].head.weight.dtype == torch.float32  # weights stay fp32
+
+
 def test_empty_folder_is_a_clear_error(tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     with pytest.raises(SystemExit) as exit_:
