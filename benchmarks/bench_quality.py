@@ -316,6 +316,12 @@ def score(
             for d in range(DIGITS)
             if (asked == d).any()
         }
+        # heard_as[d][h]: clips asked for digit d that the classifier heard as h
+        row["heard_as"] = {
+            str(d): np.bincount(predicted[asked == d], minlength=DIGITS).tolist()
+            for d in range(DIGITS)
+            if (asked == d).any()
+        }
     return row
 
 
