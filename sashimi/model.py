@@ -49,7 +49,9 @@ def shift_inputs(targets: Tensor, start_token: int) -> Tensor:
 def pad_batch(tokens: list[Tensor], length: int, start_token: int) -> tuple[Tensor, Tensor]:
     """Stack token sequences into teacher-forcing pairs of `length`: targets are the tokens with
     IGNORE_INDEX after their end (the loss skips them); inputs are shift_inputs(targets)."""
-    targets = torch.full((len(tokens), length), IGNORE_INDEX, dtype=torch.long)
+    targets = torch.full(
+        (len(tokens), length), IGNORE_INDEX, dtype=torch.long, device=tokens[0].device
+    )
     for row, t in enumerate(tokens):
         targets[row, : len(t)] = t
     return shift_inputs(targets, start_token), targets
@@ -338,9 +340,6 @@ class SaShiMi(nn.Module):
             for p in module.ssm_parameters()
         ]
 
-    def _check_length(self, L: int) -> None:
-        self.config.check_length(L)
-
     def label_embedding(self, labels: Tensor | None, batch: int) -> Tensor | None:
         """e = sum over fields f of E_f[labels[:, f]]: (batch, d_model), None without labels.
 
@@ -365,7 +364,7 @@ class SaShiMi(nn.Module):
 
         labels (batch, n_fields): the clips' label indices (labels.py); None: all unknown.
         """
-        self._check_length(tokens.shape[1])
+        self.config.check_length(tokens.shape[1])
         return self._unet(tokens, labels, with_state=False)[0]
 
     def sequence_bits(self, tokens: list[Tensor], labels: Tensor | None = None) -> Tensor:
@@ -375,7 +374,7 @@ class SaShiMi(nn.Module):
         sample."""
         q = self.config.total_pool
         length = -(-max(len(t) for t in tokens) // q) * q  # round up to a multiple of q
-        inputs, targets = pad_batch([t.cpu() for t in tokens], length, self.start_token)
+        inputs, targets = pad_batch(tokens, length, self.start_token)
         device = self.head.weight.device
         logits = self(inputs.to(device), None if labels is None else labels.to(device))
         return nll_bits(logits.float(), targets.to(device), reduction="none").sum(1)
