@@ -16,7 +16,7 @@ import torch
 
 from sashimi import SaShiMi, SaShiMiConfig
 from sashimi.fast_step import FusedStep, PeriodGraph, TorchStep, step_settings
-from sashimi.fast_step.fused import SPLIT_MIN_CLIPS, SplitFusedStep
+from sashimi.fast_step.fused import SPLIT_MIN_CLIPS, SplitFusedStep, usable_cores
 from sashimi.generate import Generator, Sampler
 from sashimi.labels import UNKNOWN
 
@@ -302,7 +302,7 @@ def test_generator_splits_a_large_batch_over_two_groups_with_the_audio_of_torchs
     )
     with torch.inference_mode():
         step = generator.start(batch, labels=generator.label_rows(kwargs["labels"], batch))[1]
-    if len(os.sched_getaffinity(0)) > 1:
+    if usable_cores() > 1:
         assert isinstance(step, SplitFusedStep) and len(step.steps) == 2
     fused = generator.generate(200, **kwargs)
     generator.fused = False

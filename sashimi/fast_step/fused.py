@@ -714,12 +714,19 @@ class FusedStep:
 SPLIT_MIN_CLIPS = 8
 
 
+def usable_cores() -> int:
+    """The cores this process may run on (its affinity where the system tells it, as Linux does)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
 def fused_step(
     model: SaShiMi, state: SaShiMiState, batch: int, guidance: float = 1.0
 ) -> "FusedStep | SplitFusedStep":
     """The fused step for `batch` clips: one FusedStep, or from SPLIT_MIN_CLIPS clips on, where
     the process may run on two cores or more, two groups stepped at once."""
-    if batch >= SPLIT_MIN_CLIPS and len(os.sched_getaffinity(0)) > 1:
+    if batch >= SPLIT_MIN_CLIPS and usable_cores() > 1:
         return SplitFusedStep(model, state, batch, guidance)
     return FusedStep(model, state, batch, guidance)
 
