@@ -17,14 +17,17 @@ share of the last 0.3 s. The real valid/ clips, scored the same way, are the cei
 that of --num random train/ clips against valid/, since valid/ against itself is 0). --prune adds
 the paper's likelihood pruning (drop the 40% least likely and the 5% most likely clips) beside
 the unpruned figures. A checkpoint with digit labels is asked for each digit in turn (any speaker),
-one row per --guidance weight; one without labels generates unconditionally, at guidance 1 only.
+one row per --guidance (a weight W, or W:S:A for W over the first S seconds, then A; `default`
+for sashimi.guidance.DEFAULT_GUIDANCE); one without labels generates unconditionally, at
+guidance 1 only.
 Prints one JSON object.
 
     python benchmarks/bench_quality.py --checkpoint checkpoints/fsdd --num 200
     python benchmarks/bench_quality.py --checkpoint runs/old/best --checkpoint runs/new/best \
-        --guidance 1 2 4 --prune
+        --guidance 1 3 4:0.4:1.5 --prune
 """
 
+import argparse
 import hashlib
 import json
 import math
@@ -49,6 +52,7 @@ from sashimi.audio import decode, encode, load_audio, write_wav  # noqa: E402
 from sashimi.checkpoint import DEFAULT_CHECKPOINT  # noqa: E402
 from sashimi.cli import Parser, add_device_argument  # noqa: E402
 from sashimi.generate import Generator, resolve_device  # noqa: E402
+from sashimi.guidance import DEFAULT_GUIDANCE, Guidance  # noqa: E402
 
 FSDD = REPO.parent / "shared" / "data" / "fsdd"
 CACHE = REPO / "benchmarks" / ".cache"
@@ -338,7 +342,9 @@ def digit_labels(generator: Generator) -> list[str] | None:
     return values
 
 
-def generate(generator: Generator, args, labels: list[dict] | None, guidance: float) -> np.ndarray:
+def generate(
+    generator: Generator, args, labels: list[dict] | None, guidance: Guidance
+) -> np.ndarray:
     """args.num clips (num, samples) at the generator's rate; clip r is seeded args.seed + r, so a
     set does not depend on the batch size."""
     samples = round(args.seconds * generator.sample_rate)
@@ -393,6 +399,20 @@ def to_classifier_rate(audio: np.ndarray, sample_rate: int) -> np.ndarray:
 # --- the command line ------------------------------------------------------------------------
 
 
+def guidance_spec(text: str) -> Guidance:
+    """`3` (a constant weight), `4:0.4:1.5` (4 for 0.4 s, then 1.5) or `default`."""
+    if text == "default":
+        return DEFAULT_GUIDANCE
+    try:
+        guidance = Guidance(*(float(part) for part in text.split(":")))
+        guidance.check()
+    except (TypeError, ValueError) as error:
+        raise argparse.ArgumentTypeError(f"{text!r}: want W or W:S:A ({error})") from None
+    if len(text.split(":")) not in (1, 3):
+        raise argparse.ArgumentTypeError(f"{text!r}: want W or W:S:A")
+    return guidance
+
+
 def build_parser() -> Parser:
     parser = Parser(
         prog="python benchmarks/bench_quality.py",
@@ -400,7 +420,7 @@ def build_parser() -> Parser:
         epilog="examples:\n"
         "  python benchmarks/bench_quality.py --checkpoint checkpoints/fsdd --num 200\n"
         "  python benchmarks/bench_quality.py --checkpoint runs/a/best --checkpoint runs/b/best "
-        "--guidance 1 2 4 --prune",
+        "--guidance 1 3 4:0.4:1.5 --prune",
     )
     parser.add_argument(
         "--checkpoint",
@@ -414,12 +434,12 @@ def build_parser() -> Parser:
     parser.add_argument("--seconds", metavar="S", type=float, default=1.0, help="length of a clip")
     parser.add_argument(
         "--guidance",
-        metavar="W",
-        type=float,
+        metavar="W[:S:A]",
+        type=guidance_spec,
         nargs="+",
-        default=[1.0],
-        help="classifier-free guidance weights, one row each (1 = none); unlabelled checkpoints "
-        "get guidance 1 only",
+        default=[Guidance(1.0)],
+        help="classifier-free guidance, one row each: a weight (1 = none), or W:S:A for W over "
+        "the first S seconds then A, or `default`; unlabelled checkpoints get guidance 1 only",
     )
     parser.add_argument(
         "--batch-size", metavar="B", type=int, default=100, help="clips generated at once"
@@ -479,21 +499,21 @@ def checkpoint_rows(
     """One row per guidance weight: generate args.num clips, score them (and the pruned set)."""
     values = digit_labels(generator)
     asked = labels = None
-    guidances = [1.0]
+    guidances = [Guidance(1.0)]
     if values is not None:  # the digits round-robin, so each is asked for num/10 times; any speaker
         labels = [{"digit": values[r % len(values)]} for r in range(args.num)]
         asked = np.array([int(label["digit"]) for label in labels])
         guidances = args.guidance
     rows = []
     for guidance in guidances:
-        name = f"{directory} @ guidance {guidance:g}"
+        name = f"{directory} @ guidance {guidance}"
         print(f"{name}: generating {args.num} clips", file=sys.stderr)
         start = time.perf_counter()
         audio = generate(generator, args, labels, guidance)
         row = {
             "name": name,
             "checkpoint": str(directory),
-            "guidance": guidance,
+            "guidance": guidance.as_dict(),
             "conditional": labels is not None,
             "generate_seconds": round(time.perf_counter() - start, 1),
         }
@@ -501,7 +521,7 @@ def checkpoint_rows(
             row["note"] = "no digit labels in the checkpoint: unconditional, guidance 1 only"
         if args.save_clips:
             slug = re.sub(r"[^\w.-]+", "_", str(directory)).strip("_")  # runs/a/best: runs_a_best
-            folder = args.save_clips / f"{slug}_w{guidance:g}"
+            folder = args.save_clips / f"{slug}_{guidance.slug}"
             for r, clip in enumerate(audio):
                 tag = "" if asked is None else f"_asked{asked[r]}"
                 write_wav(folder / f"{r:04d}{tag}.wav", clip, generator.sample_rate)

@@ -13,7 +13,7 @@ batch with the oldest waiting one becomes rows of one Generator.stream:
 
 Each request keeps its own seeds, temperature, top-p, labels and length (rows stop being sent
 once it has its samples, and the batch stops when no request still wants any). Requests that
-share a batch need the same guidance weight (one weight per guided step) and no prompt (a prompt
+share a batch need the same guidance (one weight per guided step) and no prompt (a prompt
 primes its own state); others wait for a later batch. A batch waits for company while requests
 keep coming (see GAP_S); requests that arrive while a batch runs make up the next one.
 """
@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .generate import Generator
+from .guidance import Guidance
 from .labels import Labels
 
 log = logging.getLogger(__name__)
@@ -49,7 +50,7 @@ class Request:
     temperature: float = 1.0
     top_p: float = 1.0
     labels: list[Labels] | None = None  # one per clip ({}: every field unknown); None: all {}
-    guidance: float = 1.0
+    guidance: float | Guidance = 1.0
     prompt: np.ndarray | None = field(default=None, compare=False)  # sampled in a batch alone
 
     @property
@@ -57,7 +58,8 @@ class Request:
         return len(self.seeds)
 
     def shares_a_batch_with(self, other: "Request") -> bool:
-        return self.prompt is None and other.prompt is None and self.guidance == other.guidance
+        same_guidance = Guidance.of(self.guidance) == Guidance.of(other.guidance)
+        return self.prompt is None and other.prompt is None and same_guidance
 
 
 class Ticket:

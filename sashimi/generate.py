@@ -5,14 +5,9 @@ A model trained in convolution mode generates as an RNN, in constant time and me
     logits, state = model.prime([start] + prompt)   # no prompt: step(start, initial_state(B))
     repeat:  token ~ softmax(logits / T) cut by top-k / top-p;   logits, state = model.step(token, state)
 
-A labelled model can be guided (classifier-free guidance, Ho & Salimans 2021, here per sample of
-an autoregressive model): each clip runs as two rows of one batch, one with its labels and one
-with every field unknown, both fed the clip's tokens, and sampling reads
-
-    logits = logits_unknown + w (logits_given - logits_unknown)
-
-w = 1 is the labelled model as trained (and runs one row per clip); w > 1 pushes towards what
-makes the labels likelier.
+A labelled model can be guided (sashimi/guidance.py): each clip runs as two rows of one batch, one
+with its labels and one with every field unknown, and sampling reads
+logits_unknown + w (logits_given - logits_unknown), w changing where the Guidance says.
 
 The step runs the outer tier every sample and tier i every prod(pool[:i]) samples, from discrete
 parameters computed once in the state; it is sashimi/fast_step's: on the CPU one compiled routine
@@ -39,6 +34,7 @@ from tqdm import tqdm
 from .audio import decode, encode
 from .checkpoint import DEFAULT_CHECKPOINT, is_checkpoint, load_checkpoint
 from .fast_step import FusedStep, PeriodGraph, SplitFusedStep, TorchStep, fused_step, step_settings
+from .guidance import Guidance
 from .labels import UNKNOWN, Labels, check_labels, label_tensor
 from .model import SaShiMi
 
@@ -49,8 +45,6 @@ CHUNK_SECONDS = 0.25  # default length of the pieces `stream` yields
 # above, it already is in effect: float32 Gumbel noise spans ~19 (from -2.8 to 16.6), so at
 # T = 1e-4 only logits within 0.002 of the best could still win.
 GREEDY_TEMPERATURE = 1e-4
-DEFAULT_GUIDANCE = 3.0  # guidance weight w of labelled models (README: chosen by bench_quality)
-MAX_GUIDANCE = 20.0  # far beyond any useful w: larger ones only sharpen the logits into noise
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
@@ -93,7 +87,7 @@ def check_sampling(
     top_p: float | Sequence[float] = 1.0,
     top_k: int = 0,
     chunk_size: int | None = None,
-    guidance: float = 1.0,
+    guidance: float | Guidance = 1.0,
 ) -> None:
     """Raise ValueError, naming the value and the accepted range, for unusable arguments.
     temperature and top_p: one value for all clips, or one per clip."""
@@ -111,11 +105,7 @@ def check_sampling(
         raise ValueError(f"top_k must be 0 (off) or a positive number of classes, got {top_k}")
     if chunk_size is not None and chunk_size < 1:
         raise ValueError(f"chunk_size must be at least 1 sample, got {chunk_size}")
-    if not 0 <= guidance <= MAX_GUIDANCE:  # also rejects NaN
-        raise ValueError(
-            f"guidance must be in [0, {MAX_GUIDANCE:g}] (1 = none, 0 = ignore the labels), "
-            f"got {guidance}"
-        )
+    Guidance.of(guidance).check()
 
 
 class Sampler:
@@ -275,7 +265,7 @@ class Generator:
         batch_size: int,
         prompt: np.ndarray | None = None,
         labels: Tensor | None = None,
-        guidance: float = 1.0,
+        guidance: float | Guidance = 1.0,
     ) -> tuple[Tensor, "TorchStep | FusedStep | SplitFusedStep"]:
         """The logits for the first new sample (batch, n_classes) and the step that goes on from
         there, holding the state (two rows per clip when guided): a fused step when self.fused
@@ -284,16 +274,19 @@ class Generator:
         No prompt: one step on the start token. A prompt: one parallel pass over [start] + prompt
         (model.prime), once for an unlabelled model and its state then copied to each clip, or
         for every row with its labels; the first new sample is the one right after the prompt's
-        last. labels (batch, n_fields) from label_rows, or None.
+        last. labels (batch, n_fields) from label_rows, or None. The step guides at the weight of
+        the first new sample (the caller changes it where the Guidance says).
         """
-        if labels is not None and guidance != 1:
+        guidance = Guidance.of(guidance)
+        weight = guidance.first_weight(self.sample_rate)
+        if labels is not None and guidance.guided:
             labels = torch.cat([labels, torch.full_like(labels, UNKNOWN)])
         rows = batch_size if labels is None else labels.shape[0]
         stepper = fused_step if self.fused else TorchStep
         with step_settings(self.device):
             if prompt is None:
                 step = stepper(
-                    self.model, self.model.initial_state(rows, labels), batch_size, guidance
+                    self.model, self.model.initial_state(rows, labels), batch_size, weight
                 )
                 start = torch.full((batch_size,), self.model.start_token, device=self.device)
                 return step(start), step
@@ -306,7 +299,7 @@ class Generator:
             else:
                 logits, state = self.model.prime(tokens.expand(rows, -1), labels)
                 logits = logits[:, -1]
-            step = stepper(self.model, state, batch_size, guidance)
+            step = stepper(self.model, state, batch_size, weight)
             return step.combine(logits), step
 
     # --- generation ------------------------------------------------------------------------------
@@ -325,7 +318,7 @@ class Generator:
         show_progress: bool = True,
         progress: Callable[[int, int], None] | None = None,
         labels: Labels | list[Labels] | None = None,
-        guidance: float = 1.0,
+        guidance: float | Guidance = 1.0,
     ) -> Iterator[np.ndarray]:
         """Yield new audio, float32 (batch_size, n) in [-1, 1], chunk by chunk, num_samples in all.
 
@@ -333,7 +326,8 @@ class Generator:
         rate) is read first and not repeated in the output. progress(done, total) is called after
         each chunk. Memory stays constant however many samples are asked for. labels: for a
         labelled checkpoint, one dict for all clips or one per clip, e.g. {"digit": "7"}; fields
-        left out are unknown. guidance: the weight w of classifier-free guidance (1 = none).
+        left out are unknown. guidance: the weight w of classifier-free guidance (1 = none), or a
+        Guidance whose weight changes after its first seconds (DEFAULT_GUIDANCE).
         seed (clip r: seed + r), temperature and top_p: one value for all, or one per clip.
         """
         check_sampling(
@@ -348,12 +342,15 @@ class Generator:
         chunk_size = chunk_size or max(1, round(CHUNK_SECONDS * self.sample_rate))
         period = self.config.total_pool  # the multi-rate schedule repeats every `period` samples
         rows = self.label_rows(labels, batch_size)
+        guidance = Guidance.of(guidance)
         logits, step = self.start(batch_size, prompt, rows, guidance)
         sampler = Sampler(
             batch_size, self.config.n_classes, period, self.device, seed, temperature, top_k, top_p
         )
         position = 1 if prompt is None else 1 + len(prompt)  # tokens read: start (+ prompt)
+        switch = guidance.switch_sample(self.sample_rate) if rows is not None else None
         run = _Sampling(logits, step, sampler, position, period, self.device)
+        run.switch_guidance(switch, guidance.after)
         done = 0
         with tqdm(
             total=num_samples, unit="sample", disable=not show_progress, file=sys.stderr
@@ -416,17 +413,34 @@ class _Sampling:
         self.logits, self.step, self.sampler = logits, step, sampler
         self.position, self.period, self.device = position, period, device
         self.graph = PeriodGraph(step, sampler, period) if device.type == "cuda" else None
+        self.switch: tuple[int, float] | None = None  # (position, guidance weight from there on)
+
+    def switch_guidance(self, sample: int | None, weight: float) -> None:
+        """Draw new sample `sample` (0: the first one this sampling draws) and the ones after it
+        from logits guided at `weight`; None: never. The logits of sample i come from the step on
+        sample i - 1, so the step's weight changes once i - 1 samples are drawn."""
+        if sample:  # sample 0 was guided by Generator.start
+            self.switch = (self.position + sample - 1, weight)
+            self._maybe_switch()
+
+    def _maybe_switch(self) -> None:
+        if self.switch is not None and self.position == self.switch[0]:
+            self.step.set_guidance(self.switch[1])
+            self.switch = None
 
     def sample(self, n: int) -> Tensor:
         """The next n classes of every clip (batch, n), in runs that end where the schedule
-        restarts, so that a full one can be a CUDA graph replay."""
+        restarts, so that a full one can be a CUDA graph replay, and where guidance changes."""
         tokens = torch.empty(self.sampler.noise.shape[0], n, dtype=torch.long, device=self.device)
         j = 0
         while j < n:
             k = min(self.period - self.position % self.period, n - j)
+            if self.switch is not None:
+                k = min(k, self.switch[0] - self.position)
             self.sampler.draw_noise(k)
             self.logits = self._steps(k, tokens[:, j : j + k])
             j, self.position = j + k, self.position + k
+            self._maybe_switch()
         if not torch.isfinite(self.logits).all():  # argmax of NaN would go on, as noise
             raise FloatingPointError(
                 f"logits are not finite after {self.position} samples (prompt included); "

@@ -20,13 +20,15 @@ from tqdm import tqdm
 from .audio import load_audio, write_wav
 from .checkpoint import DEFAULT_CHECKPOINT
 from .cli import Parser, add_device_argument
-from .generate import DEFAULT_GUIDANCE, Generator, check_sampling
+from .generate import Generator, check_sampling
+from .guidance import DEFAULT_GUIDANCE, Guidance
 from .labels import Labels, labels_slug, parse_assignments
 from .plots import write_clip_picture
 
 EXAMPLES = """examples:
   python -m sashimi.render --num 4 --seconds 2 --out samples/
-  python -m sashimi.render --label digit=7 --label speaker=nicolas --guidance 3 --out sevens/
+  python -m sashimi.render --label digit=7 --label speaker=nicolas --out sevens/
+  python -m sashimi.render --label digit=7 --guidance 3 --guidance-seconds inf --out sevens/
   python -m sashimi.render --checkpoint runs/piano/best --prompt intro.wav --seconds 10 --out cont/
 """
 
@@ -117,8 +119,24 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="W",
         type=float,
         default=None,
-        help="classifier-free guidance weight: 1 = none, larger = closer to the labels "
-        f"(default: {DEFAULT_GUIDANCE:g} with --label, else 1)",
+        help="classifier-free guidance weight at the start of each clip: 1 = none, larger = "
+        f"closer to the labels (default: {DEFAULT_GUIDANCE.weight:g} with --label, else 1)",
+    )
+    parser.add_argument(
+        "--guidance-seconds",
+        metavar="S",
+        type=float,
+        default=None,
+        help="seconds of new audio that --guidance holds for; inf: all along "
+        f"(default: {DEFAULT_GUIDANCE.seconds:g})",
+    )
+    parser.add_argument(
+        "--guidance-after",
+        metavar="W",
+        type=float,
+        default=None,
+        help=f"guidance weight after those seconds (default: {DEFAULT_GUIDANCE.after:g}, or "
+        "--guidance where that is lower)",
     )
     add_device_argument(parser, default="auto")
     return parser
@@ -148,9 +166,10 @@ def sampling_request(
         raise ValueError(f"--seconds {args.seconds} is less than one sample at {sample_rate} Hz")
     labels = parse_assignments(args.label)
     generator.label_rows(labels, 1)  # an unknown field or value: the error names the known
-    guidance = args.guidance if args.guidance is not None else 1.0
-    if args.guidance is None and labels:
-        guidance = DEFAULT_GUIDANCE
+    weight = args.guidance
+    if weight is None:
+        weight = DEFAULT_GUIDANCE.weight if labels else 1.0
+    guidance = Guidance.easing(weight, args.guidance_seconds, args.guidance_after)
     sampling = dict(
         temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, guidance=guidance
     )
@@ -245,7 +264,7 @@ def main(argv: list[str] | None = None) -> int:
         "device": str(generator.device),
         "checkpoint": str(args.checkpoint),
         "labels": labels,
-        "guidance": sampling["guidance"],
+        "guidance": sampling["guidance"].as_dict(),
     }
     print(json.dumps(summary))
     return 0

@@ -5,7 +5,8 @@ A Gradio 6 page over `sashimi.generate.Generator` (it never reaches into the mod
     its card (data, sample rate, parameters, steps, validation bits per sample, device);
   - sampling settings shared by both tabs: clips, temperature, top-p, a seed or "random";
   - for a labelled checkpoint, a menu per label field (a value, "any" = left unknown, or "random"
-    = drawn per clip from its seed) and the classifier-free guidance weight;
+    = drawn per clip from its seed) and the classifier-free guidance: a weight for the first
+    seconds of each clip, then another (sashimi/guidance.py);
   - Generate (seconds per clip) and Continue (a prompt to upload or record, the seconds of it to
     keep and the seconds to add);
   - the results: a live player fed chunk by chunk by the recurrent sampler while it runs (SaShiMi's
@@ -16,7 +17,8 @@ A Gradio 6 page over `sashimi.generate.Generator` (it never reaches into the mod
 Requests that arrive together are sampled as one batch (sashimi/batching.py), each with its own
 seeds, settings, labels and length: a batch costs little more than one clip.
 Both buttons are named API endpoints, /generate and /continue, callable with gradio_client; their
-optional `labels` ({"digit": "7"}, or its JSON text) and `guidance` take the menus' place.
+optional `labels` ({"digit": "7"}, or its JSON text) take the menus' place, and `guidance`,
+`guidance_seconds` and `guidance_after` the sliders'.
 Every request is checked against `Limits` (set from app.py's flags) and answered with a gr.Error
 message in the page, never a traceback.
 
@@ -42,7 +44,8 @@ from .audio import load_audio, write_wav
 from .batching import Batcher, Request
 from .checkpoint import CHECKPOINTS_DIR, DEFAULT_CHECKPOINT, list_checkpoints
 from .cli import format_duration
-from .generate import DEFAULT_GUIDANCE, Generator
+from .generate import Generator
+from .guidance import DEFAULT_GUIDANCE
 from .labels import Labels, labels_slug
 from .webui_page import RANKING_HEADERS, build_page
 from .webui_requests import (
@@ -232,12 +235,15 @@ class WebUI:
         seed: float | None,
         random_seed: bool,
         labels: dict | str | None = None,
-        guidance: float = DEFAULT_GUIDANCE,
+        guidance: float = DEFAULT_GUIDANCE.weight,
+        guidance_seconds: float = DEFAULT_GUIDANCE.seconds,
+        guidance_after: float = DEFAULT_GUIDANCE.after,
     ):
         """Sample `clips` new clips of `seconds` each; streams the first while sampling.
 
         labels (a labelled checkpoint): field -> a value, "any" or "random", as a dict or its JSON
-        text, e.g. {"digit": "7"}; guidance: the classifier-free guidance weight, 1 = none.
+        text, e.g. {"digit": "7"}; guidance: the classifier-free guidance weight for the first
+        guidance_seconds of each clip (1 = none), then guidance_after.
         """
         generator = self.models.get(checkpoint)
         seconds = self.limits.check_seconds("seconds", seconds)
@@ -248,7 +254,8 @@ class WebUI:
             seconds,
             seed,
             clip_labels(generator, labels, range(seed, seed + clips)),
-            dict(temperature=temperature, top_p=top_p, guidance=guidance),
+            dict(temperature=temperature, top_p=top_p),
+            (guidance, guidance_seconds, guidance_after),
             prompt=None,
             what=f"generate_{seconds:g}s",
         )
@@ -265,10 +272,12 @@ class WebUI:
         seed: float | None,
         random_seed: bool,
         labels: dict | str | None = None,
-        guidance: float = DEFAULT_GUIDANCE,
+        guidance: float = DEFAULT_GUIDANCE.weight,
+        guidance_seconds: float = DEFAULT_GUIDANCE.seconds,
+        guidance_after: float = DEFAULT_GUIDANCE.after,
     ):
         """Keep the first `keep_seconds` of the prompt and sample `add_seconds` after it; labels
-        and guidance as for generate."""
+        and guidance as for generate (its seconds count from the prompt's end)."""
         generator = self.models.get(checkpoint)
         if prompt is None:
             raise refused("upload or record a prompt first (any of .wav .flac .ogg .mp3)")
@@ -288,24 +297,26 @@ class WebUI:
             add_seconds,
             seed,
             labels,
-            dict(temperature=temperature, top_p=top_p, guidance=guidance),
+            dict(temperature=temperature, top_p=top_p),
+            (guidance, guidance_seconds, guidance_after),
             prompt=audio,
             what=f"continue_keep{len(audio) / generator.sample_rate:g}s_add{add_seconds:g}s",
         )
 
-    def _sample(self, batcher, seconds, seed, labels, sampling, prompt, what):
+    def _sample(self, batcher, seconds, seed, labels, sampling, guidance, prompt, what):
         """Sample one clip per entry of `labels` (clip i seeded seed + i), with the requests that
         arrive at the same time (see sashimi/batching.py), yielding live audio of clip 1, then
-        the ranked clips. Files are named after `what` and the sampling settings.
+        the ranked clips. guidance: (weight, seconds, weight after) as the request sent them.
+        Files are named after `what` and the sampling settings.
 
         Yields tuples for the outputs (files, ranking, seed, status, live player, results).
         """
         generator = batcher.generator
         rate, clips = generator.sample_rate, len(labels)
         num_samples = round(seconds * rate)
-        sampling = check_sampling_request(sampling, labels, num_samples)
+        sampling = check_sampling_request(sampling, guidance, labels, num_samples)
         settings = f"_t{sampling['temperature']:g}_p{sampling['top_p']:g}"
-        settings += f"_g{sampling['guidance']:g}" if any(labels) else ""
+        settings += f"_{sampling['guidance'].slug}" if any(labels) else ""
         # Show the seed in use and clear the last results before the first sample exists.
         live = gr.skip() if prompt is None or not self.live_playback else wav_bytes(prompt, rate)
         yield None, None, seed, "<progress></progress> starting the sampler…", live, []
@@ -333,7 +344,7 @@ class WebUI:
             bool(generator.config.labels),
         )
         speed = clips * seconds / wall
-        guided = f" · guidance {sampling['guidance']:g}" if any(labels) else ""
+        guided = f" · guidance {sampling['guidance']}" if any(labels) else ""
         others = ticket.requests - 1
         shared = f" · batched with {others} other request{'s' * (others > 1)}" if others else ""
         status = (

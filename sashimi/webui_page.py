@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 import gradio as gr
 import soundfile as sf
 
-from .generate import DEFAULT_GUIDANCE
+from .guidance import DEFAULT_GUIDANCE
 from .labels import Vocabulary
 from .plots import write_clip_picture
 from .webui_requests import (
@@ -41,7 +41,9 @@ RANKING_HEADERS = ["rank", "seed", "bits per sample"]  # then "labels" for a lab
 # chosen checkpoint's fields and hidden otherwise; fields beyond them stay unknown on the page
 # (the API's `labels` reaches every field).
 MAX_LABEL_FIELDS = 4
-GUIDANCE_SLIDER = (0.0, 10.0, 0.5)  # min, max, step; the API checks its values against it too
+# min, max, step; the API checks its values against them too
+GUIDANCE_SLIDER = (0.0, 10.0, 0.5)  # the weight, at the start and after
+GUIDANCE_SECONDS_SLIDER = (0.0, 5.0, 0.1)  # how long the first weight holds
 
 
 # --- the label menus -------------------------------------------------------------------------
@@ -122,8 +124,10 @@ class Page:
     seed: gr.Number
     random_seed: gr.Checkbox
     menus: list[gr.Dropdown]
-    guidance_column: gr.Column
+    guidance_column: gr.Row
     guidance: gr.Slider
+    guidance_seconds: gr.Slider
+    guidance_after: gr.Slider
     labels: gr.JSON
     seconds: gr.Number
     generate_button: gr.Button
@@ -197,23 +201,38 @@ def sampling_inputs(
 
 def label_inputs(
     vocabulary: Vocabulary,
-) -> tuple[list[gr.Dropdown], gr.Column, gr.Slider, gr.JSON]:
-    """A labelled checkpoint's menus (see MAX_LABEL_FIELDS) and guidance, and the endpoints'
-    `labels` parameter, hidden: written from the menus when a button is clicked, so that API
-    clients send one dict however many menus the page shows."""
+) -> tuple[list[gr.Dropdown], gr.Column, gr.Slider, gr.Slider, gr.Slider, gr.JSON]:
+    """A labelled checkpoint's menus (see MAX_LABEL_FIELDS) and guidance (sashimi/guidance.py:
+    a weight for the first seconds of new audio, then another), and the endpoints' `labels`
+    parameter, hidden: written from the menus when a button is clicked, so that API clients send
+    one dict however many menus the page shows."""
     with gr.Row():
         info = f"{RANDOM}: each clip draws one (from its seed); {ANY}: left open"
         menus = [gr.Dropdown(**menu, info=info) for menu in label_menus(vocabulary)]
-        with gr.Column(visible=bool(vocabulary), elem_id="guidance") as guidance_column:
-            guidance = gr.Slider(
-                *GUIDANCE_SLIDER[:2],
-                DEFAULT_GUIDANCE,
-                step=GUIDANCE_SLIDER[2],
-                label="guidance",
-                info="classifier-free guidance: 1 = none, higher = closer to the labels",
-            )
+    with gr.Row(visible=bool(vocabulary), elem_id="guidance") as guidance_column:
+        guidance = gr.Slider(
+            *GUIDANCE_SLIDER[:2],
+            DEFAULT_GUIDANCE.weight,
+            step=GUIDANCE_SLIDER[2],
+            label="guidance",
+            info="classifier-free guidance: 1 = none, higher = closer to the labels",
+        )
+        seconds = gr.Slider(
+            *GUIDANCE_SECONDS_SLIDER[:2],
+            DEFAULT_GUIDANCE.seconds,
+            step=GUIDANCE_SECONDS_SLIDER[2],
+            label="guidance seconds",
+            info="how long that weight holds: a word is decided in its first few tenths",
+        )
+        after = gr.Slider(
+            *GUIDANCE_SLIDER[:2],
+            DEFAULT_GUIDANCE.after,
+            step=GUIDANCE_SLIDER[2],
+            label="guidance after",
+            info="the weight after those seconds: lower keeps the silence after a word clean",
+        )
     labels = gr.JSON(None, label="labels", visible=False)
-    return menus, guidance_column, guidance, labels
+    return menus, guidance_column, guidance, seconds, after, labels
 
 
 def request_tabs(
@@ -287,11 +306,12 @@ def result_outputs(
 def connect(ui: WebUI, page: Page) -> None:
     """The events: each button reads the menus into `labels`, then calls its endpoint (the API:
     /generate and /continue); Stop cancels both; picking a model shows its card and menus."""
-    settings = [page.picker, page.clips, page.temperature, page.top_p, page.seed, page.guidance]
+    guidance = [page.guidance, page.guidance_seconds, page.guidance_after]
+    settings = [page.picker, page.clips, page.temperature, page.top_p, page.seed, *guidance]
     for component in [*settings, page.seconds, page.keep_seconds, page.add_seconds]:
         refuse_bad_values(component)
     sampling = [page.temperature, page.top_p, page.seed, page.random_seed]
-    guiding = [page.labels, page.guidance]
+    guiding = [page.labels, *guidance]
     read_menus = dict(
         fn=menu_labels,
         inputs=[page.picker, *page.menus],

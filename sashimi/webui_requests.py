@@ -19,6 +19,7 @@ import gradio as gr
 
 from .checkpoint import CHECKPOINTS_DIR, read_config
 from .generate import Generator, check_sampling
+from .guidance import Guidance
 from .labels import Labels, Vocabulary
 
 log = logging.getLogger(__name__)
@@ -95,14 +96,19 @@ class Limits:
         return int(seed)
 
 
-def check_sampling_request(sampling: dict, labels: list[Labels], num_samples: int) -> dict:
-    """A request's temperature, top_p and guidance, checked for sampling len(labels) clips of
-    num_samples each; guidance is 1 where no clip has labels (nothing to guide towards: one
-    stream instead of two equal ones)."""
+def check_sampling_request(
+    sampling: dict, guidance: tuple, labels: list[Labels], num_samples: int
+) -> dict:
+    """A request's temperature and top_p, and its guidance (weight, seconds, weight after) as a
+    Guidance, checked for sampling len(labels) clips of num_samples each; guidance is 1 where no
+    clip has labels (nothing to guide towards: one stream instead of two equal ones)."""
     if not any(labels):
-        sampling = dict(sampling, guidance=1.0)
-    if sampling["guidance"] is None:
-        raise refused("guidance must be a number (1 = none), got None")
+        guidance = (1.0,)
+    names = ("guidance", "guidance_seconds", "guidance_after")
+    for name, value in zip(names, guidance, strict=False):
+        if value is None:
+            raise refused(f"{name} must be a number, got None")
+    sampling = dict(sampling, guidance=Guidance(*guidance))
     try:
         check_sampling(num_samples, batch_size=len(labels), **sampling)
     except ValueError as error:

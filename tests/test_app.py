@@ -24,6 +24,7 @@ from gradio_client.exceptions import AppError
 from app import main
 from sashimi.audio import load_audio
 from sashimi.generate import CHUNK_SECONDS, Generator
+from sashimi.guidance import Guidance
 from sashimi.webui import Limits, WebUI
 from sashimi.webui_page import MAX_LABEL_FIELDS
 
@@ -284,7 +285,7 @@ def test_simultaneous_requests_each_keep_their_own_settings(client, tiny_labelle
 LABELLED_SECONDS = 0.05
 
 
-def generate_labelled(client, checkpoint, labels, guidance, clips=1, seed=0):
+def generate_labelled(client, checkpoint, labels, guidance, clips=1, seed=0, **guidance_over_time):
     return client.predict(
         str(checkpoint),
         clips,
@@ -294,21 +295,33 @@ def generate_labelled(client, checkpoint, labels, guidance, clips=1, seed=0):
         False,
         labels=labels,
         guidance=guidance,
+        **guidance_over_time,
         api_name="/generate",
     )
 
 
 def test_asked_digit_with_guidance_is_the_librarys_clip(client, tiny_labelled_checkpoint):
+    """Guidance 3 for the first 0.02 s (160 of the 400 samples), then 1.0, as the API sends it."""
     files, ranking, *_ = generate_labelled(
-        client, tiny_labelled_checkpoint, {"digit": "7"}, 3.0, seed=11
+        client,
+        tiny_labelled_checkpoint,
+        {"digit": "7"},
+        3.0,
+        seed=11,
+        guidance_seconds=0.02,
+        guidance_after=1.0,
     )
     (clip,) = read_clips(files)
     generator = Generator.from_checkpoint(tiny_labelled_checkpoint, device="cpu")
     expected = generator.generate(
-        round(LABELLED_SECONDS * RATE), seed=11, labels={"digit": "7"}, guidance=3.0, **SAMPLING
+        round(LABELLED_SECONDS * RATE),
+        seed=11,
+        labels={"digit": "7"},
+        guidance=Guidance(3.0, 0.02, 1.0),
+        **SAMPLING,
     )[0]
     np.testing.assert_allclose(clip, expected, atol=PCM16)  # one 16-bit rounding step
-    assert Path(files[0]).name == "sashimi_seed11_digit-7_generate_0.05s_t1_p0.95_g3.wav"
+    assert Path(files[0]).name == "sashimi_seed11_digit-7_generate_0.05s_t1_p0.95_g3-0.02s-1.wav"
     assert ranking["headers"] == ["rank", "seed", "bits per sample", "labels"]
     (row,) = ranking["data"]
     assert row[1] == 11 and row[3] == "digit 7"
@@ -394,6 +407,12 @@ def test_unknown_labels_are_refused_naming_the_known_ones(
         generate_labelled(client, tiny_labelled_checkpoint, "digit=7", 2.0)
     with pytest.raises(AppError, match=r"guidance must be at most 10, got 25"):  # the slider's
         generate_labelled(client, tiny_labelled_checkpoint, {"digit": "7"}, 25.0)
+    with pytest.raises(AppError, match=r"guidance seconds must be at least 0, got -1"):
+        generate_labelled(
+            client, tiny_labelled_checkpoint, {"digit": "7"}, 2.0, guidance_seconds=-1
+        )
+    with pytest.raises(AppError, match=r"guidance after must be at most 10, got 11"):
+        generate_labelled(client, tiny_labelled_checkpoint, {"digit": "7"}, 2.0, guidance_after=11)
 
 
 def test_unlabelled_checkpoint_shows_no_label_controls(server):
@@ -425,7 +444,7 @@ def call_over_http(server: str, endpoint: str, body: str) -> str:
 def test_nan_over_raw_http_is_refused_with_a_message(server, tiny_checkpoint):
     """JSON allows no NaN, but Python's parser takes it; Gradio's own check said nothing."""
     for position, name in ((1, "clips"), (5, "seed")):
-        data = [str(tiny_checkpoint), 1, 0.25, 1.0, 1.0, 0, False, None, 2.0]
+        data = [str(tiny_checkpoint), 1, 0.25, 1.0, 1.0, 0, False, None, 2.0, 0.4, 1.5]
         text = json.dumps({"data": data[:position] + ["NAN"] + data[position + 1 :]})
         last = call_over_http(server, "generate", text.replace('"NAN"', "NaN"))
         assert json.loads(last.removeprefix("data: ")) == {

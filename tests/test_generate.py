@@ -13,6 +13,7 @@ from sashimi import SaShiMi, SaShiMiConfig
 from sashimi.audio import decode, encode
 from sashimi.fast_step import TorchStep, step_settings
 from sashimi.generate import Generator, Sampler, check_sampling, resolve_device
+from sashimi.guidance import Guidance
 from sashimi.model import IGNORE_INDEX, is_label_parameter, nll_bits, shift_inputs
 
 CPU = torch.device("cpu")
@@ -330,17 +331,23 @@ def labelled() -> Generator:
 
 
 def guided_greedy_oracle(
-    model: SaShiMi, tokens: torch.Tensor, labels: torch.Tensor, guidance: float, steps: int
+    model: SaShiMi,
+    tokens: torch.Tensor,
+    labels: torch.Tensor,
+    guidance: float | list[float],
+    steps: int,
 ) -> torch.Tensor:
-    """Classifier-free guidance the slow way: both forwards over the whole sequence per sample."""
+    """Classifier-free guidance the slow way: both forwards over the whole sequence per sample.
+    guidance: one weight, or one per new sample."""
     q = model.config.total_pool
     unknown = torch.zeros_like(labels)
+    weights = guidance if isinstance(guidance, list) else [guidance] * steps
     with step_settings(CPU):
-        for _ in range(steps):
+        for w in weights:
             L = tokens.shape[1]
             padded = torch.nn.functional.pad(tokens, (0, -L % q), value=model.start_token)
             given, free = model(padded, labels)[:, L - 1], model(padded, unknown)[:, L - 1]
-            next_token = (free + guidance * (given - free)).argmax(-1)
+            next_token = (free + w * (given - free)).argmax(-1)
             tokens = torch.cat([tokens, next_token[:, None]], dim=1)
     return tokens
 
@@ -366,6 +373,44 @@ def test_guided_greedy_samples_equal_the_guided_convolution_oracle(labelled, gui
     np.testing.assert_array_equal(engine, expected)
     unguided = guided_greedy_oracle(model, context, torch.zeros_like(labels), 1.0, 50)
     assert (oracle != unguided[:, context.shape[1] :]).any()  # the labels changed the clips
+
+
+@pytest.mark.parametrize("switch", [0, 1, 21])
+@pytest.mark.parametrize("fused", [True, False])
+@pytest.mark.parametrize("with_prompt", [True, False])
+def test_guidance_that_changes_draws_each_sample_at_its_weight(
+    labelled, switch, fused, with_prompt
+):
+    """Guidance(3, S seconds, 0.5): new samples [0, S * rate) are drawn at weight 3, the rest at
+    0.5, as the oracle draws them, with and without a prompt, fused or torch's step."""
+    model, prompt = labelled.model, prompt_audio(37) if with_prompt else None
+    steps, rate = 40, labelled.sample_rate
+    guidance = Guidance(3.0, switch / rate, 0.5)
+    labelled.fused = fused
+    try:
+        engine = labelled.generate(
+            steps,
+            batch_size=2,
+            temperature=0,
+            prompt=prompt,
+            labels=[{"digit": "7", "speaker": "ann"}, {"digit": "0"}],
+            guidance=guidance,
+            chunk_size=16,  # chunks that end before, at and after the switch
+            show_progress=False,
+        )
+    finally:
+        labelled.fused = True
+    context = torch.full((1, 1), model.start_token)
+    if with_prompt:
+        context = torch.cat([context, classes(labelled, prompt)[None]], dim=1)
+    context = context.expand(2, -1)
+    labels = torch.tensor([[3, 1], [1, 0]])
+    weights = [3.0] * switch + [0.5] * (steps - switch)
+    oracle = guided_greedy_oracle(model, context, labels, weights, steps)[:, context.shape[1] :]
+    expected = decode(oracle, labelled.config.quantization, labelled.config.n_classes).numpy()
+    np.testing.assert_array_equal(engine, expected)
+    held = guided_greedy_oracle(model, context, labels, 3.0, steps)[:, context.shape[1] :]
+    assert (oracle[:, :switch] == held[:, :switch]).all() and (oracle != held).any()
 
 
 def test_guidance_one_runs_one_row_per_clip_and_more_runs_two(labelled):

@@ -12,6 +12,7 @@ import soundfile as sf
 
 from sashimi.audio import load_audio
 from sashimi.generate import Generator
+from sashimi.guidance import Guidance
 from sashimi.render import main
 
 REPO = Path(__file__).resolve().parent.parent
@@ -122,6 +123,8 @@ def test_labels_are_asked_for_and_carried_in_the_file_names(
         "speaker=bob",
         "--guidance",
         3,
+        "--guidance-seconds",
+        0.02,  # 160 of the 400 samples
         "--out",
         tmp_path / "sevens",
     )
@@ -130,19 +133,20 @@ def test_labels_are_asked_for_and_carried_in_the_file_names(
         "sample_000_seed0_digit-7_speaker-bob.wav",
         "sample_001_seed1_digit-7_speaker-bob.wav",
     ]
-    assert summary["labels"] == {"digit": "7", "speaker": "bob"} and summary["guidance"] == 3
+    assert summary["labels"] == {"digit": "7", "speaker": "bob"}
+    assert summary["guidance"] == {"weight": 3, "seconds": 0.02, "after": 1.5}  # the default after
     generator = Generator.from_checkpoint(tiny_labelled_checkpoint, device="cpu")
     expected = generator.generate(
         400,
         batch_size=2,
         labels={"digit": "7", "speaker": "bob"},
-        guidance=3,
+        guidance=Guidance(3, 0.02, 1.5),
         show_progress=False,
     )
     for name, clip in zip(summary["files"], expected, strict=True):
         np.testing.assert_allclose(sf.read(name)[0], clip, atol=1 / 2**15)  # 16-bit rounding
     unlabelled = render(capsys, *common, "--num", 1, "--out", tmp_path / "any")
-    assert unlabelled["guidance"] == 1.0 and unlabelled["labels"] == {}
+    assert unlabelled["guidance"] == {"weight": 1.0} and unlabelled["labels"] == {}
 
 
 @pytest.mark.parametrize(

@@ -14,6 +14,7 @@ import soundfile as sf
 
 from sashimi.checkpoint import DEFAULT_CHECKPOINT
 from sashimi.generate import Generator
+from sashimi.guidance import Guidance
 from sashimi.webui import Models, find_checkpoints, wav_bytes, write_ranked
 from sashimi.webui_requests import (
     ANY,
@@ -113,14 +114,23 @@ def test_numbers_outside_a_components_range_are_refused_by_name(value, message):
 
 
 def test_sampling_settings_are_checked_and_unguided_without_labels():
-    settings = dict(temperature=0.7, top_p=0.9, guidance=3.0)
-    assert check_sampling_request(settings, [{"digit": "7"}, {}], 100) == settings
-    assert check_sampling_request(settings, [{}, {}], 100)["guidance"] == 1.0  # nothing to guide
-    assert check_sampling_request(dict(settings, guidance=None), [{}], 100)["guidance"] == 1.0
-    with pytest.raises(gr.Error, match=r"guidance must be a number \(1 = none\), got None"):
-        check_sampling_request(dict(settings, guidance=None), [{"digit": "7"}], 100)
+    settings = dict(temperature=0.7, top_p=0.9)
+    guidance = (4.0, 0.4, 1.5)
+    checked = check_sampling_request(settings, guidance, [{"digit": "7"}, {}], 100)
+    assert checked == dict(settings, guidance=Guidance(4.0, 0.4, 1.5))
+    nothing_to_guide = check_sampling_request(settings, guidance, [{}, {}], 100)["guidance"]
+    assert nothing_to_guide == Guidance(1.0) and not nothing_to_guide.guided
+    assert check_sampling_request(settings, (None, None, None), [{}], 100)["guidance"] == Guidance()
+    for i, name in enumerate(["guidance", "guidance_seconds", "guidance_after"]):
+        sent = tuple(None if j == i else value for j, value in enumerate(guidance))
+        with pytest.raises(gr.Error, match=f"{name} must be a number, got None"):
+            check_sampling_request(settings, sent, [{"digit": "7"}], 100)
+    with pytest.raises(gr.Error, match=r"guidance seconds must be 0 or more"):
+        check_sampling_request(settings, (4.0, -0.1, 1.5), [{"digit": "7"}], 100)
+    with pytest.raises(gr.Error, match=r"guidance after must be in \[0, 20\]"):
+        check_sampling_request(settings, (4.0, 0.4, 21.0), [{"digit": "7"}], 100)
     with pytest.raises(gr.Error, match="temperature"):
-        check_sampling_request(dict(settings, temperature=-1.0), [{}], 100)
+        check_sampling_request(dict(settings, temperature=-1.0), guidance, [{}], 100)
 
 
 # --- labels ----------------------------------------------------------------------------------

@@ -17,7 +17,8 @@ from sashimi.audio import write_wav
 from sashimi.checkpoint import TrainerState, atomic_write, reporting_full_disk
 from sashimi.cli import format_duration
 from sashimi.config import SaShiMiConfig
-from sashimi.generate import DEFAULT_GUIDANCE, Generator
+from sashimi.generate import Generator
+from sashimi.guidance import DEFAULT_GUIDANCE
 from sashimi.labels import Vocabulary, describe, labels_slug
 from sashimi.model import SaShiMi
 from sashimi.plots import save_figure_png

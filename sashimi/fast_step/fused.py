@@ -658,6 +658,9 @@ class FusedStep:
             table.append(block)
         return table
 
+    def set_guidance(self, weight: float) -> None:
+        self.guidance = weight
+
     def combine(self, logits: Tensor) -> Tensor:
         """(rows, n_classes) -> (batch, n_classes): the logits to sample from."""
         combined = np.empty((self.batch, self.n_classes), np.float32)
@@ -770,6 +773,10 @@ class SplitFusedStep:
         ]
         first = work(self.steps[0], self.groups[0])
         return torch.cat([first, *(future.result() for future in pending)])
+
+    def set_guidance(self, weight: float) -> None:
+        for step in self.steps:
+            step.set_guidance(weight)
 
     def combine(self, logits: Tensor) -> Tensor:
         return self._each(lambda step, clips: step.combine(logits[self._rows(clips)]))

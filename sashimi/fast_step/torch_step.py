@@ -27,8 +27,14 @@ class TorchStep:
     advance self.state."""
 
     def __init__(self, model: SaShiMi, state: SaShiMiState, batch: int, guidance: float = 1.0):
-        self.model, self.state, self.batch, self.guidance = model, state, batch, guidance
+        self.model, self.state, self.batch = model, state, batch
         self.guided = state.rows() != batch
+        # a tensor, so that a CUDA graph reads the weight set_guidance last wrote
+        self.guidance = torch.tensor(guidance, device=model.head.weight.device)
+
+    def set_guidance(self, weight: float) -> None:
+        with torch.inference_mode():  # the tensor was made in inference mode, with the state
+            self.guidance.fill_(weight)
 
     def combine(self, logits: Tensor) -> Tensor:
         """(rows, n_classes) -> (batch, n_classes): l_unknown + w (l_given - l_unknown)."""
