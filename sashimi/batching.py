@@ -19,6 +19,7 @@ keep coming (see GAP_S); requests that arrive while a batch runs make up the nex
 """
 
 import logging
+import math
 import queue
 import threading
 import time
@@ -71,7 +72,7 @@ class Ticket:
         self.request = request
         self.arrived = time.monotonic()
         self.requests = self.clips = 0
-        self.bits: np.ndarray | None = None  # (clips,), once all its audio is sent (see _score)
+        self.bits: np.ndarray | None = None  # (clips,), once all its audio is sent (see _finish)
         self.cancelled = False
         self._items: queue.Queue = queue.Queue()
 
@@ -131,7 +132,8 @@ class Batcher:
 
     def _sample(self, batch: list[Ticket]) -> None:
         """One Generator.stream over the rows of every request in `batch`, each request's rows
-        sent to its ticket until it has its samples."""
+        sent to its ticket until it has its samples, and its clips' log-probabilities summed
+        over those samples while they are drawn (see _finish)."""
         requests = [t.request for t in batch]
         seeds = [seed for r in requests for seed in r.seeds]
         for ticket in batch:
@@ -152,10 +154,10 @@ class Batcher:
                 guidance=requests[0].guidance,
                 prompt=requests[0].prompt,
                 show_progress=False,
+                log_probs=True,
             )
-            done, chunks = 0, []
-            for chunk in stream:  # (clips of the batch, n)
-                chunks.append(chunk)
+            done, log_probs = 0, np.zeros(len(seeds))  # summed over each request's samples
+            for chunk, chunk_log_probs in stream:  # (clips of the batch, n) each
                 first_row = 0
                 for ticket in batch:
                     rows = slice(first_row, first_row + ticket.request.clips)
@@ -163,38 +165,36 @@ class Batcher:
                     wanted = ticket.request.num_samples - done
                     if wanted > 0 and not ticket.cancelled:
                         ticket._items.put(chunk[rows, :wanted])
+                        log_probs[rows] += chunk_log_probs[rows, :wanted].sum(1)
                 done += chunk.shape[1]
                 if all(t.cancelled or t.request.num_samples <= done for t in batch):
                     stream.close()  # nobody wants more: stop sampling
                     break
-            self._score(batch, np.concatenate(chunks, axis=1))
+            self._finish(batch, log_probs)
         except Exception as error:  # the listeners see it, as they would sampling alone
             for ticket in batch:
                 ticket._items.put(error)
         for ticket in batch:
             ticket._items.put(_END)
 
-    def _score(self, batch: list[Ticket], audio: np.ndarray) -> None:
-        """Set each waiting ticket's `bits`: the model's bits per sample of each of its clips,
-        prompt included, under the clips' labels (Generator.log_likelihood), in one forward pass
-        for all the requests of one length (one pass for most batches: 8 clips cost 4 times one
-        on the project's 2-core VM, against 8 times when each request scores its own)."""
-        first_row, rows = 0, {}
+    def _finish(self, batch: list[Ticket], log_probs: np.ndarray) -> None:
+        """Set each waiting ticket's `bits`: the bits per sample of each of its clips under its
+        labels, prompt included, as Generator.log_likelihood scores them. The new samples were
+        scored while drawn (log_probs, natural log, summed over each request's samples: a second
+        pass over 8 clips cost 4 times one on the project's 2-core VM); a prompt, read before
+        them, is scored here."""
+        first_row = 0
         for ticket in batch:
-            rows[ticket] = slice(first_row, first_row + ticket.request.clips)
-            first_row = rows[ticket].stop
-        waiting = [t for t in batch if not t.cancelled]
-        for length in sorted({t.request.num_samples for t in waiting}):
-            group = [t for t in waiting if t.request.num_samples == length]
-            clips = np.concatenate([audio[rows[t], :length] for t in group])
-            prompt = group[0].request.prompt  # a request with a prompt is alone in its batch
-            if prompt is not None:
-                clips = np.concatenate(
-                    [np.broadcast_to(prompt, (len(clips), len(prompt))), clips], 1
-                )
-            labels = [clip for t in group for clip in t.request.labels or [{}] * t.request.clips]
-            bits = self.generator.log_likelihood(clips, labels)
-            first_row = 0
-            for ticket in group:
-                ticket.bits = bits[first_row : first_row + ticket.request.clips]
-                first_row += ticket.request.clips
+            rows = slice(first_row, first_row + ticket.request.clips)
+            first_row = rows.stop
+            if ticket.cancelled:
+                continue
+            request = ticket.request
+            bits = -log_probs[rows] / math.log(2)
+            length = request.num_samples
+            if request.prompt is not None:  # a request with a prompt is alone in its batch
+                prompt = np.broadcast_to(request.prompt, (request.clips, len(request.prompt)))
+                labels = request.labels or [{}] * request.clips
+                bits += self.generator.log_likelihood(prompt, labels) * len(request.prompt)
+                length += len(request.prompt)
+            ticket.bits = bits / length

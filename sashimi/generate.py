@@ -319,7 +319,8 @@ class Generator:
         progress: Callable[[int, int], None] | None = None,
         labels: Labels | list[Labels] | None = None,
         guidance: float | Guidance = 1.0,
-    ) -> Iterator[np.ndarray]:
+        log_probs: bool = False,
+    ) -> Iterator[np.ndarray] | Iterator[tuple[np.ndarray, np.ndarray]]:
         """Yield new audio, float32 (batch_size, n) in [-1, 1], chunk by chunk, num_samples in all.
 
         chunk_size defaults to CHUNK_SECONDS of audio. A prompt (mono float audio at the model's
@@ -329,6 +330,9 @@ class Generator:
         left out are unknown. guidance: the weight w of classifier-free guidance (1 = none), or a
         Guidance whose weight changes after its first seconds (DEFAULT_GUIDANCE).
         seed (clip r: seed + r), temperature and top_p: one value for all, or one per clip.
+        log_probs: yield (audio, log-probabilities) instead, float64 (batch_size, n): each
+        sample's natural log-probability under the clip's own labels, as log_likelihood scores
+        it (the model unguided), summed while sampling instead of in a second pass.
         """
         check_sampling(
             num_samples,
@@ -349,7 +353,7 @@ class Generator:
         )
         position = 1 if prompt is None else 1 + len(prompt)  # tokens read: start (+ prompt)
         switch = guidance.switch_sample(self.sample_rate) if rows is not None else None
-        run = _Sampling(logits, step, sampler, position, period, self.device)
+        run = _Sampling(logits, step, sampler, position, period, self.device, log_probs)
         run.switch_guidance(switch, guidance.after)
         done = 0
         with tqdm(
@@ -357,13 +361,14 @@ class Generator:
         ) as bar:
             while done < num_samples:
                 with step_settings(self.device):
-                    tokens = run.sample(min(chunk_size, num_samples - done))
+                    tokens, scores = run.sample(min(chunk_size, num_samples - done))
                     audio = decode(tokens, self.config.quantization, self.config.n_classes)
                 done += tokens.shape[1]
                 bar.update(tokens.shape[1])
                 if progress is not None:
                     progress(done, num_samples)
-                yield audio.float().cpu().numpy()
+                audio = audio.float().cpu().numpy()
+                yield (audio, scores.cpu().numpy()) if log_probs else audio
 
     def generate(self, num_samples: int, **kwargs) -> np.ndarray:
         """All of `stream` at once: float32 (batch_size, num_samples)."""
@@ -388,8 +393,8 @@ class Generator:
             raise ValueError(
                 f"audio must have shape (samples,) or (batch, samples), got {audio.shape}"
             )
-        targets = encode(
-            torch.from_numpy(audio).to(self.device), self.config.quantization, self.config.n_classes
+        targets = encode(  # a copy: the audio may be a read-only view (np.broadcast_to)
+            torch.tensor(audio, device=self.device), self.config.quantization, self.config.n_classes
         )
         rows = self.label_rows(labels, audio.shape[0])
         with torch.inference_mode():
@@ -409,10 +414,13 @@ class _Sampling:
         position: int,
         period: int,
         device: torch.device,
+        scoring: bool = False,
     ):
         self.logits, self.step, self.sampler = logits, step, sampler
         self.position, self.period, self.device = position, period, device
-        self.graph = PeriodGraph(step, sampler, period) if device.type == "cuda" else None
+        self.scoring = scoring
+        cuda = device.type == "cuda"
+        self.graph = PeriodGraph(step, sampler, period, scoring) if cuda else None
         self.switch: tuple[int, float] | None = None  # (position, guidance weight from there on)
 
     def switch_guidance(self, sample: int | None, weight: float) -> None:
@@ -428,17 +436,23 @@ class _Sampling:
             self.step.set_guidance(self.switch[1])
             self.switch = None
 
-    def sample(self, n: int) -> Tensor:
-        """The next n classes of every clip (batch, n), in runs that end where the schedule
+    def sample(self, n: int) -> tuple[Tensor, Tensor | None]:
+        """The next n classes of every clip (batch, n), and when scoring their log-probabilities
+        under each clip's own labels (batch, n) float64, in runs that end where the schedule
         restarts, so that a full one can be a CUDA graph replay, and where guidance changes."""
-        tokens = torch.empty(self.sampler.noise.shape[0], n, dtype=torch.long, device=self.device)
+        batch = self.sampler.noise.shape[0]
+        tokens = torch.empty(batch, n, dtype=torch.long, device=self.device)
+        log_probs = None
+        if self.scoring:
+            log_probs = torch.empty(batch, n, dtype=torch.float64, device=self.device)
         j = 0
         while j < n:
             k = min(self.period - self.position % self.period, n - j)
             if self.switch is not None:
                 k = min(k, self.switch[0] - self.position)
             self.sampler.draw_noise(k)
-            self.logits = self._steps(k, tokens[:, j : j + k])
+            scores = None if log_probs is None else log_probs[:, j : j + k]
+            self.logits = self._steps(k, tokens[:, j : j + k], scores)
             j, self.position = j + k, self.position + k
             self._maybe_switch()
         if not torch.isfinite(self.logits).all():  # argmax of NaN would go on, as noise
@@ -446,19 +460,22 @@ class _Sampling:
                 f"logits are not finite after {self.position} samples (prompt included); "
                 "the checkpoint's weights or the state have NaN or inf"
             )
-        return tokens
+        return tokens, log_probs
 
-    def _steps(self, k: int, out: Tensor) -> Tensor:
-        """k steps: draw a class per clip into out[:, j], step on it. Returns the next logits."""
+    def _steps(self, k: int, out: Tensor, log_probs: Tensor | None) -> Tensor:
+        """k steps: draw a class per clip into out[:, j] (its log-probability into
+        log_probs[:, j] when given), step on it. Returns the next logits."""
         if not isinstance(self.step, TorchStep):  # the draws and steps in one compiled call
-            return self.step.run(k, self.logits, self.sampler, out)
+            return self.step.run(k, self.logits, self.sampler, out, log_probs=log_probs)
         if self.graph is not None and k == self.period:
-            next_logits = self.graph.replay(self.logits, out)
+            next_logits = self.graph.replay(self.logits, out, log_probs)
             if next_logits is not None:
                 return next_logits
         logits = self.logits
         for j in range(k):
             token = self.sampler(logits, j)
             out[:, j] = token
+            if log_probs is not None:
+                log_probs[:, j] = self.step.log_prob(token)
             logits = self.step(token)
         return logits

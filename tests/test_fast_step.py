@@ -3,6 +3,7 @@ functional SaShiMi.step, generate's Sampler and TorchStep, over long runs, both 
 tiers and batches; the CUDA graph against eager stepping where CUDA is; the CPU step settings."""
 
 import dataclasses
+import math
 import os
 import subprocess
 import sys
@@ -182,22 +183,28 @@ def test_cuda_graph_replays_draw_the_tokens_of_eager_steps(labelled):
             model, state, batch, sampler(), start, periods, period, guidance
         )
         step = TorchStep(model, state, batch, guidance)
-        graph = PeriodGraph(step, sampler(), period)
+        graph = PeriodGraph(step, sampler(), period, scoring=True)
         draws = graph.sampler
         logits = step(start)
         got = torch.empty(batch, periods * period, dtype=torch.long, device=cuda)
+        log_probs = torch.empty(batch, periods * period, dtype=torch.float64, device=cuda)
         for p in range(periods):
             draws.draw_noise(period)
             chunk = got[:, p * period : (p + 1) * period]
-            replayed = graph.replay(logits, chunk)
+            scores = log_probs[:, p * period : (p + 1) * period]
+            replayed = graph.replay(logits, chunk, scores)
             if replayed is None:  # the warm-up period runs eagerly
                 for j in range(period):
                     chunk[:, j] = token = draws(logits, j)
+                    scores[:, j] = step.log_prob(token)
                     logits = step(token)
             else:
                 logits = replayed
+        # the log-probabilities scored while drawing: the clips' likelihood, by convolution
+        bits = model.sequence_bits(list(got), None if labels is None else labels[:batch])
     assert graph.graph is not None and not graph.failed  # periods 2.. were replays
     torch.testing.assert_close(got, expected, rtol=0, atol=0)
+    torch.testing.assert_close(-log_probs.sum(1) / math.log(2), bits.double(), rtol=0, atol=1e-3)
 
 
 def test_compiles_without_a_writable_cache(tmp_path):

@@ -468,6 +468,16 @@ def _sample(logits, noise, greedy, inverse_temperature, top_k, top_p, kept):
 
 
 @_compiled
+def _log_softmax_at(logits, k):
+    """log softmax(logits)[k], in float64: the log-probability of class k."""
+    top = logits.max()
+    total = 0.0
+    for c in range(logits.shape[0]):
+        total += np.exp(np.float64(logits[c] - top))
+    return np.float64(logits[k] - top) - np.log(total)
+
+
+@_compiled
 def _combine(logits, guided, guidance, combined):
     """The logits to sample from (clips, n_classes): rows [0, clips) hold the clips' labels and,
     when guided, rows [clips, 2 clips) every field unknown, combined as
@@ -484,12 +494,13 @@ def _combine(logits, guided, guidance, combined):
 @_compiled
 def _run(
     k, w, s, positions, net, blocks, tiers, eps, logits, combined, guided, guidance,
-    sample, noise, greedy, inverse_temperature, top_k, top_p, out,
+    sample, noise, greedy, inverse_temperature, top_k, top_p, out, log_probs,
 ):  # fmt: skip
     """k steps. Before step j each clip's class goes to out[:, j]: drawn from `combined` with
     noise column j when sample (greedy, inverse_temperature and top_p one value per clip), else
-    read from there. Every row steps on its clip's class; the next logits are left in logits
-    and combined."""
+    read from there; a drawn class's log-probability under the clip's own labels (its row of
+    logits) goes to log_probs[:, j] unless log_probs has no columns. Every row steps on its
+    clip's class; the next logits are left in logits and combined."""
     clips, n = combined.shape
     tokens = np.empty(logits.shape[0], dtype=np.int64)
     kept = np.empty(n, dtype=np.bool_)
@@ -506,6 +517,8 @@ def _run(
                     kept,
                 )
             tokens[c] = out[c, j]
+            if sample and log_probs.shape[1]:
+                log_probs[c, j] = _log_softmax_at(logits[c], out[c, j])
             if guided:
                 tokens[clips + c] = out[c, j]
         _step(tokens, w, s, positions, net, blocks, tiers, eps, logits)
@@ -608,6 +621,8 @@ class FusedStep:
         self.combined = np.zeros((batch, cfg.n_classes), np.float32) if self.guided else self.logits
         self.tokens = np.zeros((batch, cfg.total_pool), np.int64)  # classes drawn or given
         self.no_noise = np.zeros((batch, 1, cfg.n_classes), np.float32)  # for steps on given ones
+        self.scores = np.zeros((batch, cfg.total_pool), np.float64)  # log-probabilities drawn
+        self.no_scores = np.zeros((batch, 0), np.float64)  # none asked for
 
     @staticmethod
     def _pack_blocks(
@@ -662,9 +677,11 @@ class FusedStep:
         self.guidance = weight
 
     def combine(self, logits: Tensor) -> Tensor:
-        """(rows, n_classes) -> (batch, n_classes): the logits to sample from."""
+        """(rows, n_classes) -> (batch, n_classes): the logits to sample from. Keeps the rows'
+        logits, which score the first class drawn from them (run's log_probs)."""
+        self.logits[:] = logits.detach().cpu().numpy()
         combined = np.empty((self.batch, self.n_classes), np.float32)
-        _combine(logits.detach().cpu().numpy(), self.guided, self.guidance, combined)
+        _combine(self.logits, self.guided, self.guidance, combined)
         return torch.from_numpy(combined)
 
     def __call__(self, token: Tensor) -> Tensor:
@@ -675,13 +692,22 @@ class FusedStep:
         return torch.from_numpy(self.combined.copy())
 
     def run(
-        self, k: int, logits: Tensor, sampler, out: Tensor, clips: slice | None = None
+        self,
+        k: int,
+        logits: Tensor,
+        sampler,
+        out: Tensor,
+        clips: slice | None = None,
+        log_probs: Tensor | None = None,
     ) -> Tensor:
-        """k samples, as generate.Generator._run: draws with sampler's noise columns [0, k) (and
-        its temperature, top-k and top-p) into out (batch, k), steps on them; the next logits.
-        clips: which of the sampler's clips these are (SplitFusedStep), by default all."""
+        """k samples, as generate._Sampling steps them: draws with sampler's noise columns
+        [0, k) (and its temperature, top-k and top-p) into out (batch, k), steps on them; the
+        next logits. clips: which of the sampler's clips these are (SplitFusedStep), by default
+        all. log_probs (batch, k) float64, if given, gets each drawn class's log-probability
+        under the clip's own labels."""
         assert k <= self.tokens.shape[1], f"{k} steps at once; at most one period"
         clips = clips or slice(0, self.batch)
+        scores = self.no_scores if log_probs is None else self.scores
         self.combined[:] = logits.cpu().numpy()
         greedy = np.full(self.batch, sampler.greedy)
         if sampler.greedy_rows is not None:
@@ -694,8 +720,11 @@ class FusedStep:
             self._per_clip(sampler.inverse_temperature, clips),
             sampler.top_k,
             self._per_clip(sampler.top_p, clips),
+            scores,
         )
         out.copy_(torch.from_numpy(self.tokens[:, :k]))
+        if log_probs is not None:
+            log_probs.copy_(torch.from_numpy(scores[:, :k]))
         return torch.from_numpy(self.combined.copy())
 
     def _per_clip(self, value: float | Tensor, clips: slice) -> np.ndarray:
@@ -704,11 +733,14 @@ class FusedStep:
             return value[clips].reshape(self.batch).cpu().numpy().astype(np.float32)
         return np.full(self.batch, value, np.float32)
 
-    def _run(self, k, sample, noise, greedy, inverse_temperature, top_k, top_p) -> None:
+    def _run(
+        self, k, sample, noise, greedy, inverse_temperature, top_k, top_p, scores=None
+    ) -> None:
         _run(
             k, self.w, self.s, self.positions, self.net, self.blocks, self.tiers, self.eps,
             self.logits, self.combined, self.guided, self.guidance,
             sample, noise, greedy, inverse_temperature, top_k, top_p, self.tokens,
+            self.no_scores if scores is None else scores,
         )  # fmt: skip
 
 
@@ -784,9 +816,18 @@ class SplitFusedStep:
     def __call__(self, token: Tensor) -> Tensor:
         return self._each(lambda step, clips: step(token[clips]))
 
-    def run(self, k: int, logits: Tensor, sampler, out: Tensor) -> Tensor:
+    def run(
+        self, k: int, logits: Tensor, sampler, out: Tensor, log_probs: Tensor | None = None
+    ) -> Tensor:
         return self._each(
-            lambda step, clips: step.run(k, logits[clips], sampler, out[clips], clips)
+            lambda step, clips: step.run(
+                k,
+                logits[clips],
+                sampler,
+                out[clips],
+                clips,
+                None if log_probs is None else log_probs[clips],
+            )
         )
 
 

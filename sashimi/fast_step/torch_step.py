@@ -37,10 +37,18 @@ class TorchStep:
             self.guidance.fill_(weight)
 
     def combine(self, logits: Tensor) -> Tensor:
-        """(rows, n_classes) -> (batch, n_classes): l_unknown + w (l_given - l_unknown)."""
+        """(rows, n_classes) -> (batch, n_classes): l_unknown + w (l_given - l_unknown). Keeps
+        l_given, which scores the class drawn next (log_prob)."""
+        self.given = logits[: self.batch]
         if not self.guided:
             return logits
         return torch.lerp(logits[self.batch :], logits[: self.batch], self.guidance)
+
+    def log_prob(self, token: Tensor) -> Tensor:
+        """The log-probability of each clip's class token (batch,) under the clip's own labels,
+        from the logits the last step left, float64 (batch,)."""
+        log_probs = torch.log_softmax(self.given.double(), dim=-1)
+        return log_probs.gather(1, token[:, None])[:, 0]
 
     def __call__(self, token: Tensor) -> Tensor:
         rows = token.repeat(2) if self.guided else token
@@ -72,14 +80,15 @@ class PeriodGraph:
     them; the Python side runs, but a whole period leaves every tier at the phase it had.
     """
 
-    def __init__(self, step: TorchStep, sampler, period: int):
-        self.step, self.sampler, self.period = step, sampler, period
+    def __init__(self, step: TorchStep, sampler, period: int, scoring: bool = False):
+        self.step, self.sampler, self.period, self.scoring = step, sampler, period, scoring
         self.graph: torch.cuda.CUDAGraph | None = None
         self.warmed_up = self.failed = False
 
-    def replay(self, logits: Tensor, out: Tensor) -> Tensor | None:
-        """One period into out (batch, period); the next logits, or None if the caller must step
-        (while warming up, or after a failed capture)."""
+    def replay(self, logits: Tensor, out: Tensor, log_probs: Tensor | None) -> Tensor | None:
+        """One period into out (batch, period), and when scoring each class's log-probability
+        into log_probs (batch, period); the next logits, or None if the caller must step (while
+        warming up, or after a failed capture)."""
         if self.failed:
             return None
         if self.graph is None:
@@ -92,12 +101,17 @@ class PeriodGraph:
         self.logits.copy_(logits)
         self.graph.replay()
         out.copy_(self.tokens)
+        if log_probs is not None:
+            log_probs.copy_(self.log_probs)
         return self.logits
 
     def _capture(self, logits: Tensor) -> None:
         self.logits = logits.clone()
         self.tokens = torch.empty(
             logits.shape[0], self.period, dtype=torch.long, device=logits.device
+        )
+        self.log_probs = torch.zeros(
+            logits.shape[0], self.period, dtype=torch.float64, device=logits.device
         )
         start = self.step.state
         graph = torch.cuda.CUDAGraph()
@@ -108,6 +122,8 @@ class PeriodGraph:
                 for j in range(self.period):
                     token = self.sampler(next_logits, j)
                     self.tokens[:, j] = token
+                    if self.scoring:
+                        self.log_probs[:, j] = self.step.log_prob(token)
                     next_logits = self.step(token)
                 self.logits.copy_(next_logits)
                 copy_state_(start, self.step.state)
