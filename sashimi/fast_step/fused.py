@@ -469,11 +469,12 @@ def _sample(logits, noise, greedy, inverse_temperature, top_k, top_p, kept):
 
 @_compiled
 def _log_softmax_at(logits, k):
-    """log softmax(logits)[k], in float64: the log-probability of class k."""
+    """log softmax(logits)[k]: the log-probability of class k. The terms in float32 (the
+    logits' own precision; expf vectorises), their sum and the log in float64."""
     top = logits.max()
     total = 0.0
     for c in range(logits.shape[0]):
-        total += np.exp(np.float64(logits[c] - top))
+        total += np.exp(logits[c] - top)
     return np.float64(logits[k] - top) - np.log(total)
 
 
