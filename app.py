@@ -109,6 +109,7 @@ def main(argv: list[str] | None = None) -> int:
         share=args.share,
         max_file_size=int(limits.max_upload_mb * 2**20),
         ssr_mode=False,  # plain client-side page: no Node.js server beside Python
+        show_error=True,  # any failure reaches the caller as its message, not {"error": null}
     )
     return 0
 

@@ -441,6 +441,15 @@ def call_over_http(server: str, endpoint: str, body: str) -> str:
     return answer.text.strip().splitlines()[-1]
 
 
+def test_too_few_values_over_raw_http_get_a_message(server, tiny_checkpoint):
+    """A raw client that sends fewer values than the endpoint takes (say, from before the guidance
+    sliders) is told so: Gradio refuses it before our handler runs."""
+    data = [str(tiny_checkpoint), 1, 0.25, 1.0, 1.0, 0, False, None, 2.0]  # 9 of the 11
+    last = call_over_http(server, "generate", json.dumps({"data": data}))
+    error = json.loads(last.removeprefix("data: "))["error"]
+    assert "didn't receive enough input values (needed: 11, got: 9)" in error
+
+
 def test_nan_over_raw_http_is_refused_with_a_message(server, tiny_checkpoint):
     """JSON allows no NaN, but Python's parser takes it; Gradio's own check said nothing."""
     for position, name in ((1, "clips"), (5, "seed")):
