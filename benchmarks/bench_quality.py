@@ -403,13 +403,14 @@ def guidance_spec(text: str) -> Guidance:
     """`3` (a constant weight), `4:0.4:1.5` (4 for 0.4 s, then 1.5) or `default`."""
     if text == "default":
         return DEFAULT_GUIDANCE
-    try:
-        guidance = Guidance(*(float(part) for part in text.split(":")))
-        guidance.check()
-    except (TypeError, ValueError) as error:
-        raise argparse.ArgumentTypeError(f"{text!r}: want W or W:S:A ({error})") from None
-    if len(text.split(":")) not in (1, 3):
+    parts = text.split(":")
+    if len(parts) not in (1, 3):
         raise argparse.ArgumentTypeError(f"{text!r}: want W or W:S:A")
+    try:
+        guidance = Guidance(*(float(part) for part in parts))
+        guidance.check()
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(f"{text!r}: want W or W:S:A ({error})") from None
     return guidance
 
 

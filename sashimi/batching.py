@@ -193,8 +193,16 @@ class Batcher:
             bits = -log_probs[rows] / math.log(2)
             length = request.num_samples
             if request.prompt is not None:  # a request with a prompt is alone in its batch
-                prompt = np.broadcast_to(request.prompt, (request.clips, len(request.prompt)))
-                labels = request.labels or [{}] * request.clips
-                bits += self.generator.log_likelihood(prompt, labels) * len(request.prompt)
+                bits += self._prompt_bits(request)
                 length += len(request.prompt)
             ticket.bits = bits / length
+
+    def _prompt_bits(self, request: Request) -> np.ndarray:
+        """The bits of the request's prompt under each clip's labels, (clips,): one row per
+        distinct labels (clips that share them, an unlabelled model's all, read it alike)."""
+        labels = request.labels or [{}] * request.clips
+        keys = [tuple(sorted(clip.items())) for clip in labels]
+        distinct = list(dict.fromkeys(keys))
+        prompts = np.broadcast_to(request.prompt, (len(distinct), len(request.prompt)))
+        bits = self.generator.log_likelihood(prompts, [dict(key) for key in distinct])
+        return bits[[distinct.index(key) for key in keys]] * len(request.prompt)

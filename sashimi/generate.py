@@ -33,7 +33,15 @@ from tqdm import tqdm
 
 from .audio import decode, encode
 from .checkpoint import DEFAULT_CHECKPOINT, is_checkpoint, load_checkpoint
-from .fast_step import FusedStep, PeriodGraph, SplitFusedStep, TorchStep, fused_step, step_settings
+from .fast_step import (
+    FusedStep,
+    PeriodGraph,
+    SplitFusedStep,
+    TorchStep,
+    draw_and_step,
+    fused_step,
+    step_settings,
+)
 from .guidance import Guidance
 from .labels import UNKNOWN, Labels, check_labels, label_tensor
 from .model import SaShiMi
@@ -473,9 +481,5 @@ class _Sampling:
                 return next_logits
         logits = self.logits
         for j in range(k):
-            token = self.sampler(logits, j)
-            out[:, j] = token
-            if log_probs is not None:
-                log_probs[:, j] = self.step.log_prob(token)
-            logits = self.step(token)
+            logits = draw_and_step(self.step, self.sampler, logits, j, out, log_probs)
         return logits

@@ -39,7 +39,7 @@ class Guidance:
     @classmethod
     def easing(cls, weight: float, seconds: float | None = None, after: float | None = None):
         """`weight` for DEFAULT_GUIDANCE's seconds, then its `after` weight, or `weight` where
-        that is lower (so 1 stays no guidance): what the render flags and the web UI start from."""
+        that is lower (so 1 stays no guidance): what python -m sashimi.render's flags make."""
         seconds = DEFAULT_GUIDANCE.seconds if seconds is None else seconds
         after = min(weight, DEFAULT_GUIDANCE.after) if after is None else after
         return cls(weight, seconds, after)

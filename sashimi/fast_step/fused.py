@@ -708,7 +708,7 @@ class FusedStep:
         under the clip's own labels."""
         assert k <= self.tokens.shape[1], f"{k} steps at once; at most one period"
         clips = clips or slice(0, self.batch)
-        scores = self.no_scores if log_probs is None else self.scores
+        scores = None if log_probs is None else self.scores
         self.combined[:] = logits.cpu().numpy()
         greedy = np.full(self.batch, sampler.greedy)
         if sampler.greedy_rows is not None:
@@ -724,7 +724,7 @@ class FusedStep:
             scores,
         )
         out.copy_(torch.from_numpy(self.tokens[:, :k]))
-        if log_probs is not None:
+        if scores is not None:
             log_probs.copy_(torch.from_numpy(scores[:, :k]))
         return torch.from_numpy(self.combined.copy())
 

@@ -56,6 +56,18 @@ class TorchStep:
         return self.combine(logits)
 
 
+def draw_and_step(
+    step: TorchStep, sampler, logits: Tensor, j: int, out: Tensor, log_probs: Tensor | None
+) -> Tensor:
+    """Sample j of every clip: its class drawn from logits into out[:, j] (and its
+    log-probability into log_probs[:, j] when given), then the step on it; the next logits."""
+    token = sampler(logits, j)
+    out[:, j] = token
+    if log_probs is not None:
+        log_probs[:, j] = step.log_prob(token)
+    return step(token)
+
+
 def copy_state_(target: SaShiMiState, source: SaShiMiState) -> None:
     """Write the tensors that stepping changes (each S4 layer's x, each tier's upsampled outputs)
     from source into target's own, at a period boundary (no pending inputs in either)."""
@@ -119,12 +131,11 @@ class PeriodGraph:
             torch.cuda.synchronize()
             with torch.cuda.graph(graph):
                 next_logits = self.logits
+                scores = self.log_probs if self.scoring else None
                 for j in range(self.period):
-                    token = self.sampler(next_logits, j)
-                    self.tokens[:, j] = token
-                    if self.scoring:
-                        self.log_probs[:, j] = self.step.log_prob(token)
-                    next_logits = self.step(token)
+                    next_logits = draw_and_step(
+                        self.step, self.sampler, next_logits, j, self.tokens, scores
+                    )
                 self.logits.copy_(next_logits)
                 copy_state_(start, self.step.state)
         except RuntimeError as error:  # keep generating step by step, and say why
