@@ -16,10 +16,13 @@ within 30 dB of the clip's loudest, bursts apart by >= 150 ms of quieter frames)
 share of the last 0.3 s. The real valid/ clips, scored the same way, are the ceiling (their FID is
 that of --num random train/ clips against valid/, since valid/ against itself is 0). --prune adds
 the paper's likelihood pruning (drop the 40% least likely and the 5% most likely clips) beside
-the unpruned figures. A checkpoint with digit labels is asked for each digit in turn (any speaker),
-one row per --guidance (a weight W, or W:S:A for W over the first S seconds, then A; `default`
-for sashimi.guidance.DEFAULT_GUIDANCE); one without labels generates unconditionally, at
-guidance 1 only.
+the unpruned figures. --first-of K scores what the web UI shows first when a listener asks for
+K clips of a digit: the clips asked the same digit in groups of K, and of each group the first
+by seed (unranked), the likeliest, and the one with the most label evidence (log2 p(x | digit) -
+log2 p(x | unknown), scored while sampling; guided rows only). A checkpoint with digit labels is
+asked for each digit in turn (any speaker), one row per --guidance (a weight W, or W:S:A for W
+over the first S seconds, then A; `default` for sashimi.guidance.DEFAULT_GUIDANCE); one without
+labels generates unconditionally, at guidance 1 only.
 Prints one JSON object.
 
     python benchmarks/bench_quality.py --checkpoint checkpoints/fsdd --num 200
@@ -344,33 +347,58 @@ def digit_labels(generator: Generator) -> list[str] | None:
 
 def generate(
     generator: Generator, args, labels: list[dict] | None, guidance: Guidance
-) -> np.ndarray:
+) -> tuple[np.ndarray, np.ndarray]:
     """args.num clips (num, samples) at the generator's rate; clip r is seeded args.seed + r, so a
-    set does not depend on the batch size."""
+    set does not depend on the batch size. And each clip's log-probability summed while sampling,
+    natural log, (1, num) under its labels, or when guided (2, num), the second row under every
+    field unknown (Generator.stream's log_probs)."""
     samples = round(args.seconds * generator.sample_rate)
-    out = []
+    out, log_probs = [], []
     for first in range(0, args.num, args.batch_size):
         batch = min(args.batch_size, args.num - first)
         conditioning = {}
         if labels is not None:
             conditioning = {"labels": labels[first : first + batch], "guidance": guidance}
         start = time.perf_counter()
-        out.append(
-            generator.generate(
-                samples,
-                batch_size=batch,
-                seed=args.seed + first,
-                temperature=args.temperature,
-                top_p=args.top_p,
-                show_progress=False,
-                **conditioning,
-            )
+        chunks = generator.stream(
+            samples,
+            batch_size=batch,
+            seed=args.seed + first,
+            temperature=args.temperature,
+            top_p=args.top_p,
+            show_progress=False,
+            log_probs=True,
+            **conditioning,
         )
+        audio, scores = zip(*chunks, strict=True)
+        out.append(np.concatenate(audio, axis=1))
+        log_probs.append(sum(chunk.sum(1) for chunk in scores).reshape(-1, batch))
         print(
             f"  clips {first + batch}/{args.num}: {time.perf_counter() - start:.1f} s",
             file=sys.stderr,
         )
-    return np.concatenate(out)
+    return np.concatenate(out), np.concatenate(log_probs, axis=1)
+
+
+def first_of(k: int, asked: np.ndarray, heard: np.ndarray, log_probs: np.ndarray) -> dict:
+    """What a listener who asks for k clips of a digit hears first: the clips asked each digit,
+    in seed order, in groups of k, and the share of groups whose first clip is heard as asked,
+    first by seed, by likelihood, and by label evidence. log_probs (2, num) as `generate`."""
+    rankings = {  # natural logs: the order is what counts
+        "unranked": np.zeros(len(asked)),
+        "likeliest": log_probs[0],
+        "most_label_evidence": log_probs[0] - log_probs[1],
+    }
+    groups = []
+    for digit in np.unique(asked):
+        clips = np.flatnonzero(asked == digit)
+        groups += [clips[g : g + k] for g in range(0, len(clips) - k + 1, k)]
+    right = heard == asked
+    row = {"k": k, "groups": len(groups)}
+    for name, score in rankings.items():
+        firsts = [group[np.argmax(score[group])] for group in groups]  # argmax: the first of ties
+        row[name] = round(float(right[firsts].mean()), 3)
+    return row
 
 
 def likelihood_pruned(
@@ -459,6 +487,14 @@ def build_parser() -> Parser:
         "5%% most likely)",
     )
     parser.add_argument(
+        "--first-of",
+        metavar="K",
+        type=int,
+        default=0,
+        help="also score the first of every K clips asked the same digit, unranked, likeliest "
+        "and by label evidence, as the web UI ranks them (guided rows; 0 = off)",
+    )
+    parser.add_argument(
         "--fsdd", metavar="DIR", type=Path, default=FSDD, help="FSDD with train/ and valid/"
     )
     parser.add_argument(
@@ -510,7 +546,7 @@ def checkpoint_rows(
         name = f"{directory} @ guidance {guidance}"
         print(f"{name}: generating {args.num} clips", file=sys.stderr)
         start = time.perf_counter()
-        audio = generate(generator, args, labels, guidance)
+        audio, sampled_log_probs = generate(generator, args, labels, guidance)
         row = {
             "name": name,
             "checkpoint": str(directory),
@@ -529,6 +565,9 @@ def checkpoint_rows(
         clips = to_classifier_rate(audio, generator.sample_rate)
         log_probs, embeddings = classify(classifier, clips)
         row |= score(log_probs, embeddings, clips, real, p_star, asked)
+        if args.first_of and asked is not None and guidance.guided:
+            heard = log_probs.argmax(1).numpy()
+            row["first_of"] = first_of(args.first_of, asked, heard, sampled_log_probs)
         if args.prune:
             start = time.perf_counter()
             bits, kept = likelihood_pruned(generator, audio, labels, args.batch_size)
@@ -560,6 +599,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--num must be at least 2 (the metrics need a set of clips), got {args.num}")
     if args.seconds <= 0:
         parser.error(f"--seconds must be positive, got {args.seconds}")
+    if args.first_of < 0:
+        parser.error(f"--first-of must be 0 (off) or a number of clips, got {args.first_of}")
     try:  # every checkpoint loads before minutes go into the classifier
         device = resolve_device(args.device)
         generators = {
@@ -579,7 +620,16 @@ def main(argv: list[str] | None = None) -> int:
         "load_average_1min_before": round(os.getloadavg()[0], 2),
         "settings": {
             k: getattr(args, k)
-            for k in ("num", "seconds", "batch_size", "seed", "temperature", "top_p", "prune")
+            for k in (
+                "num",
+                "seconds",
+                "batch_size",
+                "seed",
+                "temperature",
+                "top_p",
+                "prune",
+                "first_of",
+            )
         },
     }
     try:

@@ -10,6 +10,7 @@ batch with the oldest waiting one becomes rows of one Generator.stream:
     ticket = batcher.submit(Request(num_samples, seeds=[7], temperature=1.0, top_p=0.95))
     for chunk in ticket: ...        # float32 (clips, n), this request's rows only, as sampled
     ticket.bits                     # (clips,) bits per sample of each clip under the model
+    ticket.evidence                 # (clips,) what its labels explain, when guided (see _finish)
 
 Each request keeps its own seeds, temperature, top-p, labels and length (rows stop being sent
 once it has its samples, and the batch stops when no request still wants any). Requests that
@@ -66,13 +67,15 @@ class Request:
 class Ticket:
     """A submitted request: iterating gives its audio chunk by chunk (and raises what the batch
     raised); `requests` and `clips` say what its batch held, once the batch has started, and
-    `bits` the likelihood of its clips, once they are all sent."""
+    `bits` the likelihood of its clips and `evidence` their label evidence, once they are all
+    sent."""
 
     def __init__(self, request: Request):
         self.request = request
         self.arrived = time.monotonic()
         self.requests = self.clips = 0
         self.bits: np.ndarray | None = None  # (clips,), once all its audio is sent (see _finish)
+        self.evidence: np.ndarray | None = None  # (clips,), for a guided request with labels
         self.cancelled = False
         self._items: queue.Queue = queue.Queue()
 
@@ -156,8 +159,11 @@ class Batcher:
                 show_progress=False,
                 log_probs=True,
             )
-            done, log_probs = 0, np.zeros(len(seeds))  # summed over each request's samples
-            for chunk, chunk_log_probs in stream:  # (clips of the batch, n) each
+            # summed over each request's samples, per state row: (clips) or guided (2, clips)
+            done, log_probs = 0, np.zeros((1, len(seeds)))  # broadcasts to (2, clips) if guided
+            for chunk, chunk_log_probs in stream:  # (clips, n) and (clips or 2 clips, n)
+                scores = chunk_log_probs.reshape(-1, len(seeds), chunk.shape[1])
+                sums = np.zeros(scores.shape[:2])
                 first_row = 0
                 for ticket in batch:
                     rows = slice(first_row, first_row + ticket.request.clips)
@@ -165,7 +171,8 @@ class Batcher:
                     wanted = ticket.request.num_samples - done
                     if wanted > 0 and not ticket.cancelled:
                         ticket._items.put(chunk[rows, :wanted])
-                        log_probs[rows] += chunk_log_probs[rows, :wanted].sum(1)
+                        sums[:, rows] = scores[:, rows, :wanted].sum(2)
+                log_probs = log_probs + sums
                 done += chunk.shape[1]
                 if all(t.cancelled or t.request.num_samples <= done for t in batch):
                     stream.close()  # nobody wants more: stop sampling
@@ -179,10 +186,14 @@ class Batcher:
 
     def _finish(self, batch: list[Ticket], log_probs: np.ndarray) -> None:
         """Set each waiting ticket's `bits`: the bits per sample of each of its clips under its
-        labels, prompt included, as Generator.log_likelihood scores them. The new samples were
-        scored while drawn (log_probs, natural log, summed over each request's samples: a second
-        pass over 8 clips cost 4 times one on the project's 2-core VM); a prompt, read before
-        them, is scored here."""
+        labels, prompt included, as Generator.log_likelihood scores them; and for a guided
+        request that asks for labels its `evidence`: the bits per new sample its labels save,
+        log2 p(x | labels) - log2 p(x | every field unknown), the clip's pointwise mutual
+        information with what was asked (0 for a clip that asks for nothing). The new samples
+        were scored while drawn (log_probs (1 or 2, clips): natural logs summed over each
+        request's samples, under the labels and when guided every field unknown; a second pass
+        over 8 clips cost 4 times one on the project's 2-core VM); a prompt, read before them,
+        is scored here."""
         first_row = 0
         for ticket in batch:
             rows = slice(first_row, first_row + ticket.request.clips)
@@ -190,7 +201,10 @@ class Batcher:
             if ticket.cancelled:
                 continue
             request = ticket.request
-            bits = -log_probs[rows] / math.log(2)
+            bits = -log_probs[0, rows] / math.log(2)
+            if len(log_probs) == 2 and request.labels is not None and any(request.labels):
+                saved = (log_probs[0, rows] - log_probs[1, rows]) / math.log(2)
+                ticket.evidence = saved / request.num_samples
             length = request.num_samples
             if request.prompt is not None:  # a request with a prompt is alone in its batch
                 bits += self._prompt_bits(request)

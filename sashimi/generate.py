@@ -338,9 +338,11 @@ class Generator:
         left out are unknown. guidance: the weight w of classifier-free guidance (1 = none), or a
         Guidance whose weight changes after its first seconds (DEFAULT_GUIDANCE).
         seed (clip r: seed + r), temperature and top_p: one value for all, or one per clip.
-        log_probs: yield (audio, log-probabilities) instead, float64 (batch_size, n): each
-        sample's natural log-probability under the clip's own labels, as log_likelihood scores
-        it (the model unguided), summed while sampling instead of in a second pass.
+        log_probs: yield (audio, log-probabilities) instead, float64 (batch_size, n), or when
+        guided (2 batch_size, n): each sample's natural log-probability under the clip's own
+        labels, as log_likelihood scores it (the model unguided), and when guided then under
+        every field unknown (row batch_size + r for clip r), scored while sampling instead of in
+        a second pass.
         """
         check_sampling(
             num_samples,
@@ -446,13 +448,13 @@ class _Sampling:
 
     def sample(self, n: int) -> tuple[Tensor, Tensor | None]:
         """The next n classes of every clip (batch, n), and when scoring their log-probabilities
-        under each clip's own labels (batch, n) float64, in runs that end where the schedule
+        in every state row (rows, n) float64 (see Generator.stream), in runs that end where the schedule
         restarts, so that a full one can be a CUDA graph replay, and where guidance changes."""
         batch = self.sampler.noise.shape[0]
         tokens = torch.empty(batch, n, dtype=torch.long, device=self.device)
         log_probs = None
         if self.scoring:
-            log_probs = torch.empty(batch, n, dtype=torch.float64, device=self.device)
+            log_probs = torch.empty(self.step.rows, n, dtype=torch.float64, device=self.device)
         j = 0
         while j < n:
             k = min(self.period - self.position % self.period, n - j)
@@ -471,8 +473,8 @@ class _Sampling:
         return tokens, log_probs
 
     def _steps(self, k: int, out: Tensor, log_probs: Tensor | None) -> Tensor:
-        """k steps: draw a class per clip into out[:, j] (its log-probability into
-        log_probs[:, j] when given), step on it. Returns the next logits."""
+        """k steps: draw a class per clip into out[:, j] (its log-probability in every state row
+        into log_probs[:, j] when given), step on it. Returns the next logits."""
         if not isinstance(self.step, TorchStep):  # the draws and steps in one compiled call
             return self.step.run(k, self.logits, self.sampler, out, log_probs=log_probs)
         if self.graph is not None and k == self.period:

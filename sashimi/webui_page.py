@@ -36,7 +36,9 @@ INTRO = (
     "(S4 layers, run as a recurrence). Pick a model, generate or continue a sound, "
     "and listen while it is being made."
 )
-RANKING_HEADERS = ["rank", "seed", "bits per sample"]  # then "labels" for a labelled checkpoint
+# then "label evidence" and "labels" for a labelled checkpoint
+RANKING_HEADERS = ["rank", "seed", "bits per sample"]
+NO_EVIDENCE = "-"  # the label evidence of a clip sampled without guidance or asked for nothing
 # Gradio builds the page once, so it holds this many label menus, shown, named and filled for the
 # chosen checkpoint's fields and hidden otherwise; fields beyond them stay unknown on the page
 # (the API's `labels` reaches every field).
@@ -280,7 +282,8 @@ def result_outputs(
         files = gr.File(label="WAV files, best first", file_count="multiple", scale=2)
         ranking = gr.Dataframe(
             headers=RANKING_HEADERS,
-            label="ranking: fewer bits per sample = likelier to the model",
+            label="ranking: most label evidence first (bits per sample the asked labels "
+            "explain), else fewest bits per sample (likeliest to the model)",
             interactive=False,
             scale=1,
         )

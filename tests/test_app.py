@@ -322,13 +322,16 @@ def test_asked_digit_with_guidance_is_the_librarys_clip(client, tiny_labelled_ch
     )[0]
     np.testing.assert_allclose(clip, expected, atol=PCM16)  # one 16-bit rounding step
     assert Path(files[0]).name == "sashimi_seed11_digit-7_generate_0.05s_t1_p0.95_g3-0.02s-1.wav"
-    assert ranking["headers"] == ["rank", "seed", "bits per sample", "labels"]
+    assert ranking["headers"] == ["rank", "seed", "bits per sample", "label evidence", "labels"]
     (row,) = ranking["data"]
-    assert row[1] == 11 and row[3] == "digit 7"
-    # ranked by the likelihood of the clip under its own labels, not with every field unknown
+    assert row[1] == 11 and row[4] == "digit 7"
+    # the likelihood of the clip under its own labels, not with every field unknown
     bits = generator.log_likelihood(clip, {"digit": "7"})
     np.testing.assert_allclose(row[2], bits, atol=1e-4)  # shown to 4 decimals
-    assert abs(row[2] - generator.log_likelihood(clip)[0]) > 1e-3
+    unknown = generator.log_likelihood(clip)
+    assert abs(row[2] - unknown[0]) > 1e-3
+    # and the bits per sample the asked digit saves, which ranks guided clips
+    np.testing.assert_allclose(row[3], unknown - bits, atol=1e-4)
 
 
 def test_random_label_is_drawn_per_clip_from_its_seed(client, tiny_labelled_checkpoint):
@@ -337,7 +340,7 @@ def test_random_label_is_drawn_per_clip_from_its_seed(client, tiny_labelled_chec
     files, ranking, *_ = generate_labelled(
         client, tiny_labelled_checkpoint, labels, 2.0, clips=2, seed=20
     )
-    drawn = {row[1]: row[3] for row in ranking["data"]}  # seed -> "digit X, speaker bob"
+    drawn = {row[1]: row[4] for row in ranking["data"]}  # seed -> "digit X, speaker bob"
     assert sorted(drawn) == [20, 21]
     digits = {
         seed: text.removeprefix("digit ").removesuffix(", speaker bob")

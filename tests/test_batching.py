@@ -1,5 +1,7 @@
 """Requests sampled together: each gets what it would have got alone, however it was batched."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -7,6 +9,7 @@ import torch
 from sashimi import SaShiMi, SaShiMiConfig
 from sashimi.batching import Batcher, Request
 from sashimi.generate import Generator
+from sashimi.guidance import Guidance
 
 WAIT_S = 1.0  # far longer than submitting a few requests takes: they are one batch
 
@@ -22,6 +25,31 @@ def scored_alone(generator: Generator, request: Request, clips: np.ndarray) -> n
         prompt = np.broadcast_to(request.prompt, (request.clips, len(request.prompt)))
         clips = np.concatenate([prompt, clips], axis=1)
     return generator.log_likelihood(clips, request.labels)
+
+
+def evidence_alone(generator: Generator, request: Request, clips: np.ndarray) -> np.ndarray:
+    """The bits per new sample that the request's labels save, scored by convolution: the new
+    samples' bits with every field unknown less those under the labels (a prompt read first)."""
+    new_bits = []
+    for labels in (None, request.labels):
+        bits = scored_alone(generator, dataclasses.replace(request, labels=labels), clips)
+        length = request.num_samples
+        if request.prompt is not None:
+            length += len(request.prompt)
+            prompts = np.broadcast_to(request.prompt, (request.clips, len(request.prompt)))
+            bits = bits * length - generator.log_likelihood(prompts, labels) * len(request.prompt)
+            bits /= request.num_samples
+        new_bits.append(bits)
+    return new_bits[0] - new_bits[1]
+
+
+def check_evidence(generator: Generator, request: Request, clips: np.ndarray, ticket) -> None:
+    """A guided request that asks for labels has its clips' label evidence; others have none."""
+    if Guidance.of(request.guidance).guided and any(request.labels or []):
+        expected = evidence_alone(generator, request, clips)
+        np.testing.assert_allclose(ticket.evidence, expected, atol=1e-5)  # float32 logits
+    else:
+        assert ticket.evidence is None
 
 
 def alone(generator: Generator, request: Request) -> np.ndarray:
@@ -58,6 +86,8 @@ def test_requests_that_arrive_together_are_one_batch_each_with_its_own_settings(
         np.testing.assert_array_equal(clips, alone(generator, request))
         bits = scored_alone(generator, request, clips)
         np.testing.assert_allclose(ticket.bits, bits, rtol=1e-5)  # float32, another batch size
+        check_evidence(generator, request, clips, ticket)
+    assert [t.evidence is None for t in tickets] == [False, True, False]  # [{}] asks nothing
     assert not np.array_equal(audio[0][0, :250], audio[2][0])  # seed 3 twice, other settings
 
 
@@ -77,6 +107,7 @@ def test_another_guidance_or_a_prompt_is_sampled_in_its_own_batch(generator):
         np.testing.assert_array_equal(clips, alone(generator, request))
         bits = scored_alone(generator, request, clips)
         np.testing.assert_allclose(ticket.bits, bits, rtol=1e-5)  # float32, another batch size
+        check_evidence(generator, request, clips, ticket)
 
 
 def test_a_cancelled_request_stops_its_batch(generator):

@@ -187,7 +187,7 @@ def test_cuda_graph_replays_draw_the_tokens_of_eager_steps(labelled):
         draws = graph.sampler
         logits = step(start)
         got = torch.empty(batch, periods * period, dtype=torch.long, device=cuda)
-        log_probs = torch.empty(batch, periods * period, dtype=torch.float64, device=cuda)
+        log_probs = torch.empty(step.rows, periods * period, dtype=torch.float64, device=cuda)
         for p in range(periods):
             draws.draw_noise(period)
             chunk = got[:, p * period : (p + 1) * period]
@@ -200,8 +200,9 @@ def test_cuda_graph_replays_draw_the_tokens_of_eager_steps(labelled):
                     logits = step(token)
             else:
                 logits = replayed
-        # the log-probabilities scored while drawing: the clips' likelihood, by convolution
-        bits = model.sequence_bits(list(got), None if labels is None else labels[:batch])
+        # the log-probabilities scored while drawing: the clips' likelihood, by convolution,
+        # in every state row (guided: the second half reads the clips under its own labels)
+        bits = model.sequence_bits(list(got) * (step.rows // batch), labels)
     assert graph.graph is not None and not graph.failed  # periods 2.. were replays
     torch.testing.assert_close(got, expected, rtol=0, atol=0)
     torch.testing.assert_close(-log_probs.sum(1) / math.log(2), bits.double(), rtol=0, atol=1e-3)

@@ -418,8 +418,9 @@ def test_guidance_that_changes_draws_each_sample_at_its_weight(
 def test_log_probs_drawn_while_sampling_are_the_likelihood(
     labelled, fused, clips, guidance, with_prompt
 ):
-    """stream(log_probs=True) scores each sample as it is drawn, under the clip's own labels and
-    unguided: summed, what log_likelihood's convolution pass gives (9 clips: split in two groups)."""
+    """stream(log_probs=True) scores each sample as it is drawn, unguided: under the clip's own
+    labels and, when guided, under every field unknown; summed, what log_likelihood's convolution
+    pass gives (9 clips: split in two groups)."""
     asked = [{"digit": "7"}, {}, {"digit": "0", "speaker": "bob"}] * (clips // 3)
     prompt = prompt_audio(37) if with_prompt else None
     labelled.fused = fused
@@ -441,17 +442,24 @@ def test_log_probs_drawn_while_sampling_are_the_likelihood(
         labelled.fused = True
     audio = np.concatenate([chunk for chunk, _ in pairs], axis=1)
     log_probs = np.concatenate([scores for _, scores in pairs], axis=1)
-    assert log_probs.shape == (clips, 100) and log_probs.dtype == np.float64
+    streams = [asked] if guidance == 1 else [asked, None]  # None: every field unknown
+    assert log_probs.shape == (clips * len(streams), 100) and log_probs.dtype == np.float64
     assert (log_probs <= 0).all()
     bits = -log_probs.sum(1) / np.log(2)
-    if with_prompt:  # the samples' bits given the prompt: the whole clip's less the prompt's
-        prompts = np.broadcast_to(prompt, (clips, len(prompt)))
-        whole = np.concatenate([prompts, audio], axis=1)
-        expected = labelled.log_likelihood(whole, asked) * whole.shape[1]
-        expected -= labelled.log_likelihood(prompts, asked) * len(prompt)
-    else:
-        expected = labelled.log_likelihood(audio, asked) * 100
+    expected = []
+    for labels in streams:
+        if with_prompt:  # the samples' bits given the prompt: the whole clip's less the prompt's
+            prompts = np.broadcast_to(prompt, (clips, len(prompt)))
+            whole = np.concatenate([prompts, audio], axis=1)
+            given = labelled.log_likelihood(whole, labels) * whole.shape[1]
+            expected.append(given - labelled.log_likelihood(prompts, labels) * len(prompt))
+        else:
+            expected.append(labelled.log_likelihood(audio, labels) * 100)
+    expected = np.concatenate(expected)
     np.testing.assert_allclose(bits / 100, expected / 100, atol=1e-5)  # float32 logits, 2 modes
+    if guidance != 1:  # the clips asked for nothing read alike in both rows
+        unasked = [r for r in range(clips) if not asked[r]]
+        np.testing.assert_allclose(bits[unasked], bits[clips:][unasked], atol=1e-9)
 
 
 def test_guidance_one_runs_one_row_per_clip_and_more_runs_two(labelled):

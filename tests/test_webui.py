@@ -16,6 +16,7 @@ from sashimi.checkpoint import DEFAULT_CHECKPOINT
 from sashimi.generate import Generator
 from sashimi.guidance import Guidance
 from sashimi.webui import Models, find_checkpoints, wav_bytes, write_ranked
+from sashimi.webui_page import NO_EVIDENCE
 from sashimi.webui_requests import (
     ANY,
     MAX_SEED,
@@ -248,11 +249,11 @@ def test_clips_are_written_best_first_named_by_seed_and_labels(tmp_path):
         assert rate == RATE and sf.info(path).subtype == "PCM_16"
         np.testing.assert_allclose(written, audio[row], atol=PCM16)  # one 16-bit rounding step
     assert ranking == {
-        "headers": ["rank", "seed", "bits per sample", "labels"],
+        "headers": ["rank", "seed", "bits per sample", "label evidence", "labels"],
         "data": [
-            [1, 41, 1.25, "digit 0, speaker bob"],
-            [2, 40, 2.5, "digit 7"],
-            [3, 42, 3.0, ANY],
+            [1, 41, 1.25, NO_EVIDENCE, "digit 0, speaker bob"],
+            [2, 40, 2.5, NO_EVIDENCE, "digit 7"],
+            [3, 42, 3.0, NO_EVIDENCE, ANY],
         ],
     }
     assert [r["label"] for r in results] == [
@@ -263,6 +264,28 @@ def test_clips_are_written_best_first_named_by_seed_and_labels(tmp_path):
     assert [(r["wav"], r["rank"], r["marker"]) for r in results] == [
         (f, rank, 0.02) for rank, f in enumerate(files, start=1)
     ]
+
+
+def test_clips_with_label_evidence_are_ranked_by_it_then_by_bits(tmp_path):
+    """The clip the asked labels explain best comes first, however likely; ties go to the
+    likelier clip."""
+    bits = np.array([2.0, 1.0, 3.0, 1.5])
+    evidence = np.array([0.05, 0.01, 0.05, 0.2])
+    labels = [{"digit": "7"}] * 4
+    files, ranking, results = write_ranked(
+        tmp_path, np.zeros((4, 80)), bits, RATE, 10, labels, None, "x", True, evidence
+    )
+    assert ranking["data"] == [
+        [1, 13, 1.5, 0.2, "digit 7"],
+        [2, 10, 2.0, 0.05, "digit 7"],
+        [3, 12, 3.0, 0.05, "digit 7"],
+        [4, 11, 1.0, 0.01, "digit 7"],
+    ]
+    assert [Path(f).name for f in files][0] == "sashimi_seed13_digit-7_x.wav"
+    assert (
+        results[0]["label"]
+        == "#1 · seed 13 · digit 7 · 1.500 bits per sample · label evidence 0.200"
+    )
 
 
 def test_an_unlabelled_models_table_has_no_labels_column(tmp_path):

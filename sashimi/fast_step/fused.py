@@ -499,9 +499,9 @@ def _run(
 ):  # fmt: skip
     """k steps. Before step j each clip's class goes to out[:, j]: drawn from `combined` with
     noise column j when sample (greedy, inverse_temperature and top_p one value per clip), else
-    read from there; a drawn class's log-probability under the clip's own labels (its row of
-    logits) goes to log_probs[:, j] unless log_probs has no columns. Every row steps on its
-    clip's class; the next logits are left in logits and combined."""
+    read from there; a drawn class's log-probability in every state row (the clip's own labels,
+    and when guided every field unknown) goes to log_probs[:, j] unless log_probs has no columns.
+    Every row steps on its clip's class; the next logits are left in logits and combined."""
     clips, n = combined.shape
     tokens = np.empty(logits.shape[0], dtype=np.int64)
     kept = np.empty(n, dtype=np.bool_)
@@ -520,6 +520,8 @@ def _run(
             tokens[c] = out[c, j]
             if sample and log_probs.shape[1]:
                 log_probs[c, j] = _log_softmax_at(logits[c], out[c, j])
+                if guided:
+                    log_probs[clips + c, j] = _log_softmax_at(logits[clips + c], out[c, j])
             if guided:
                 tokens[clips + c] = out[c, j]
         _step(tokens, w, s, positions, net, blocks, tiers, eps, logits)
@@ -622,8 +624,9 @@ class FusedStep:
         self.combined = np.zeros((batch, cfg.n_classes), np.float32) if self.guided else self.logits
         self.tokens = np.zeros((batch, cfg.total_pool), np.int64)  # classes drawn or given
         self.no_noise = np.zeros((batch, 1, cfg.n_classes), np.float32)  # for steps on given ones
-        self.scores = np.zeros((batch, cfg.total_pool), np.float64)  # log-probabilities drawn
-        self.no_scores = np.zeros((batch, 0), np.float64)  # none asked for
+        self.rows = rows
+        self.scores = np.zeros((rows, cfg.total_pool), np.float64)  # log-probabilities drawn
+        self.no_scores = np.zeros((rows, 0), np.float64)  # none asked for
 
     @staticmethod
     def _pack_blocks(
@@ -704,8 +707,8 @@ class FusedStep:
         """k samples, as generate._Sampling steps them: draws with sampler's noise columns
         [0, k) (and its temperature, top-k and top-p) into out (batch, k), steps on them; the
         next logits. clips: which of the sampler's clips these are (SplitFusedStep), by default
-        all. log_probs (batch, k) float64, if given, gets each drawn class's log-probability
-        under the clip's own labels."""
+        all. log_probs (rows, k) float64, if given, gets each drawn class's log-probability in
+        every state row: under the clip's own labels, and when guided every field unknown."""
         assert k <= self.tokens.shape[1], f"{k} steps at once; at most one period"
         clips = clips or slice(0, self.batch)
         scores = None if log_probs is None else self.scores
@@ -777,7 +780,8 @@ class SplitFusedStep:
     def __init__(
         self, model: SaShiMi, state: SaShiMiState, batch: int, guidance: float = 1.0, parts: int = 2
     ):
-        self.batch, self.guided = batch, state.rows() != batch
+        self.batch, self.rows = batch, state.rows()
+        self.guided = self.rows != batch
         bounds = [batch * i // parts for i in range(parts + 1)]
         self.groups = [slice(a, b) for a, b in zip(bounds, bounds[1:], strict=False) if b > a]
         self.steps = [
@@ -820,16 +824,15 @@ class SplitFusedStep:
     def run(
         self, k: int, logits: Tensor, sampler, out: Tensor, log_probs: Tensor | None = None
     ) -> Tensor:
-        return self._each(
-            lambda step, clips: step.run(
-                k,
-                logits[clips],
-                sampler,
-                out[clips],
-                clips,
-                None if log_probs is None else log_probs[clips],
-            )
-        )
+        def run_group(step: FusedStep, clips: slice) -> Tensor:
+            rows = self._rows(clips)  # not contiguous when guided: scored apart, then put back
+            scores = None if log_probs is None else log_probs.new_empty(len(rows), k)
+            logits_next = step.run(k, logits[clips], sampler, out[clips], clips, scores)
+            if scores is not None:
+                log_probs[rows] = scores
+            return logits_next
+
+        return self._each(run_group)
 
 
 @functools.cache

@@ -27,8 +27,8 @@ class TorchStep:
     advance self.state."""
 
     def __init__(self, model: SaShiMi, state: SaShiMiState, batch: int, guidance: float = 1.0):
-        self.model, self.state, self.batch = model, state, batch
-        self.guided = state.rows() != batch
+        self.model, self.state, self.batch, self.rows = model, state, batch, state.rows()
+        self.guided = self.rows != batch
         # a tensor, so that a CUDA graph reads the weight set_guidance last wrote
         self.guidance = torch.tensor(guidance, device=model.head.weight.device)
 
@@ -38,21 +38,25 @@ class TorchStep:
 
     def combine(self, logits: Tensor) -> Tensor:
         """(rows, n_classes) -> (batch, n_classes): l_unknown + w (l_given - l_unknown). Keeps
-        l_given, which scores the class drawn next (log_prob)."""
-        self.given = logits[: self.batch]
+        every row's logits, which score the class drawn next (log_prob)."""
+        self.row_logits = logits
         if not self.guided:
             return logits
         return torch.lerp(logits[self.batch :], logits[: self.batch], self.guidance)
 
     def log_prob(self, token: Tensor) -> Tensor:
-        """The log-probability of each clip's class token (batch,) under the clip's own labels,
-        from the logits the last step left, float64 (batch,)."""
-        log_probs = torch.log_softmax(self.given.double(), dim=-1)
-        return log_probs.gather(1, token[:, None])[:, 0]
+        """The log-probability of each clip's class token (batch,) in every state row, from the
+        logits the last step left, float64 (rows,): under the clip's own labels, and when guided
+        then under every field unknown."""
+        log_probs = torch.log_softmax(self.row_logits.double(), dim=-1)
+        return log_probs.gather(1, self._per_row(token)[:, None])[:, 0]
+
+    def _per_row(self, token: Tensor) -> Tensor:
+        """Each state row's class: its clip's, for both rows of a guided clip."""
+        return token.repeat(2) if self.guided else token
 
     def __call__(self, token: Tensor) -> Tensor:
-        rows = token.repeat(2) if self.guided else token
-        logits, self.state = self.model.step(rows, self.state)
+        logits, self.state = self.model.step(self._per_row(token), self.state)
         return self.combine(logits)
 
 
@@ -60,7 +64,8 @@ def draw_and_step(
     step: TorchStep, sampler, logits: Tensor, j: int, out: Tensor, log_probs: Tensor | None
 ) -> Tensor:
     """Sample j of every clip: its class drawn from logits into out[:, j] (and its
-    log-probability into log_probs[:, j] when given), then the step on it; the next logits."""
+    log-probability in every state row into log_probs[:, j] when given), then the step on it; the
+    next logits."""
     token = sampler(logits, j)
     out[:, j] = token
     if log_probs is not None:
@@ -99,7 +104,7 @@ class PeriodGraph:
 
     def replay(self, logits: Tensor, out: Tensor, log_probs: Tensor | None) -> Tensor | None:
         """One period into out (batch, period), and when scoring each class's log-probability
-        into log_probs (batch, period); the next logits, or None if the caller must step (while
+        into log_probs (rows, period); the next logits, or None if the caller must step (while
         warming up, or after a failed capture)."""
         if self.failed:
             return None
@@ -123,7 +128,7 @@ class PeriodGraph:
             logits.shape[0], self.period, dtype=torch.long, device=logits.device
         )
         self.log_probs = torch.zeros(
-            logits.shape[0], self.period, dtype=torch.float64, device=logits.device
+            self.step.rows, self.period, dtype=torch.float64, device=logits.device
         )
         start = self.step.state
         graph = torch.cuda.CUDAGraph()
