@@ -20,7 +20,6 @@ keep coming (see GAP_S); requests that arrive while a batch runs make up the nex
 """
 
 import logging
-import math
 import queue
 import threading
 import time
@@ -32,6 +31,7 @@ import numpy as np
 from .generate import Generator
 from .guidance import Guidance
 from .labels import Labels
+from .ranking import bits_and_evidence
 
 log = logging.getLogger(__name__)
 
@@ -187,9 +187,8 @@ class Batcher:
     def _finish(self, batch: list[Ticket], log_probs: np.ndarray) -> None:
         """Set each waiting ticket's `bits`: the bits per sample of each of its clips under its
         labels, prompt included, as Generator.log_likelihood scores them; and for a guided
-        request that asks for labels its `evidence`: the bits per new sample its labels save,
-        log2 p(x | labels) - log2 p(x | every field unknown), the clip's pointwise mutual
-        information with what was asked (0 for a clip that asks for nothing). The new samples
+        request that asks for labels its `evidence`, per new sample (sashimi/ranking.py; 0 for a
+        clip that asks for nothing). The new samples
         were scored while drawn (log_probs (1 or 2, clips): natural logs summed over each
         request's samples, under the labels and when guided every field unknown; a second pass
         over 8 clips cost 4 times one on the project's 2-core VM); a prompt, read before them,
@@ -201,15 +200,13 @@ class Batcher:
             if ticket.cancelled:
                 continue
             request = ticket.request
-            bits = -log_probs[0, rows] / math.log(2)
-            if len(log_probs) == 2 and request.labels is not None and any(request.labels):
-                saved = (log_probs[0, rows] - log_probs[1, rows]) / math.log(2)
-                ticket.evidence = saved / request.num_samples
-            length = request.num_samples
+            bits, evidence = bits_and_evidence(log_probs[:, rows], request.num_samples)
+            if any(request.labels or []):
+                ticket.evidence = evidence
             if request.prompt is not None:  # a request with a prompt is alone in its batch
-                bits += self._prompt_bits(request)
-                length += len(request.prompt)
-            ticket.bits = bits / length
+                length = request.num_samples + len(request.prompt)
+                bits = (bits * request.num_samples + self._prompt_bits(request)) / length
+            ticket.bits = bits
 
     def _prompt_bits(self, request: Request) -> np.ndarray:
         """The bits of the request's prompt under each clip's labels, (clips,): one row per

@@ -5,7 +5,9 @@ with --label, the labels follow: sample_000_seed0_digit-7.wav) with a waveform-a
 picture beside it. Clip i draws its randomness from seed + i, so
 `--seed 1237 --num 1` draws clip 3 of a `--seed 1234` run again. With --prompt, each file holds the
 prompt followed by its continuation, and the picture marks where the prompt ends.
-stdout gets one JSON line summarising the run; progress goes to stderr.
+stdout gets one JSON line summarising the run: the files, each clip's bits per sample and, when
+guided, label evidence, and the files best first as the web UI ranks them (sashimi/ranking.py);
+progress goes to stderr.
 """
 
 import argparse
@@ -24,6 +26,7 @@ from .generate import Generator, check_sampling
 from .guidance import DEFAULT_GUIDANCE, Guidance
 from .labels import Labels, labels_slug, parse_assignments
 from .plots import write_clip_picture
+from .ranking import best_first, bits_and_evidence
 
 EXAMPLES = """examples:
   python -m sashimi.render --num 4 --seconds 2 --out samples/
@@ -197,31 +200,37 @@ def render_clips(
     num_samples: int,
     labels: Labels,
     sampling: dict,
-) -> tuple[list[str], list[str], float]:
+) -> tuple[list[str], list[str], float, np.ndarray]:
     """Sample args.num clips, args.batch_size at a time, and write each as WAV + PNG in args.out.
 
-    Returns (the WAV files, the PNG files, seconds spent sampling without the file writing).
+    Returns (the WAV files, the PNG files, seconds spent sampling without the file writing, each
+    clip's log-probabilities summed while sampling (1 or 2, clips), as sashimi/ranking.py takes
+    them).
     """
     sample_rate = generator.sample_rate
     prompt_end = None if prompt is None else len(prompt) / sample_rate  # seconds
-    files, pictures = [], []
+    files, pictures, log_probs = [], [], []
     generating = 0.0
     with tqdm(total=args.num * num_samples, unit="sample", unit_scale=True, file=sys.stderr) as bar:
         for first in range(0, args.num, args.batch_size):
             batch = min(args.batch_size, args.num - first)
             chunks, batch_started = [], time.perf_counter()
-            for chunk in generator.stream(
+            sums = 0.0
+            for chunk, scores in generator.stream(
                 num_samples,
                 batch_size=batch,
                 seed=args.seed + first,
                 prompt=prompt,
                 show_progress=False,
                 labels=labels or None,
+                log_probs=True,
                 **sampling,
             ):
                 chunks.append(chunk)
+                sums = sums + scores.sum(1)  # (batch) or guided (2 batch)
                 bar.update(chunk.size)
             generating += time.perf_counter() - batch_started
+            log_probs.append(sums.reshape(-1, batch))
             for index, clip in enumerate(np.concatenate(chunks, axis=1), start=first):
                 audio = clip if prompt is None else np.concatenate([prompt, clip])
                 stem = f"sample_{index:03d}_seed{args.seed + index}"
@@ -230,7 +239,7 @@ def render_clips(
                 wav, png = write_clip(args.out, stem, audio, sample_rate, prompt_end, title)
                 files.append(str(wav))
                 pictures.append(str(png))
-    return files, pictures, generating
+    return files, pictures, generating, np.concatenate(log_probs, axis=1)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -245,9 +254,12 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(str(error))
 
     started = time.perf_counter()
-    files, pictures, generating = render_clips(
+    files, pictures, generating, log_probs = render_clips(
         args, generator, prompt, num_samples, labels, sampling
     )
+    bits, evidence = bits_and_evidence(log_probs, num_samples)
+    if not labels:
+        evidence = None  # both streams read the clip alike: nothing asked, nothing explained
     sample_rate = generator.sample_rate
     generated = args.num * num_samples / sample_rate  # seconds of new audio, all clips
     summary = {
@@ -265,6 +277,10 @@ def main(argv: list[str] | None = None) -> int:
         "checkpoint": str(args.checkpoint),
         "labels": labels,
         "guidance": sampling["guidance"].as_dict(),
+        # per file, of the new samples (given the prompt); ranked as the web UI ranks them
+        "bits_per_sample": [round(float(b), 4) for b in bits],
+        "label_evidence": None if evidence is None else [round(float(e), 4) for e in evidence],
+        "best_first": [files[i] for i in best_first(bits, evidence)],
     }
     print(json.dumps(summary))
     return 0

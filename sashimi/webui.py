@@ -48,6 +48,7 @@ from .cli import format_duration
 from .generate import Generator
 from .guidance import DEFAULT_GUIDANCE
 from .labels import Labels, labels_slug
+from .ranking import best_first
 from .webui_page import NO_EVIDENCE, RANKING_HEADERS, build_page
 from .webui_requests import (
     ANY,
@@ -168,13 +169,9 @@ def write_ranked(
     labelled: bool,
     evidence: np.ndarray | None = None,
 ) -> tuple[list[str], dict, list[dict]]:
-    """Write each clip's WAV into `folder`, best first, named by its seed, its labels and `name`.
-
-    Best is the most label evidence when there is some, else the fewest bits per sample. A
-    likelier clip is not a clearer one: among clips asked for a digit, the likeliest is often the
-    one with the least speech in it, while the one whose labels explain it best is the one that
-    says the digit (README, "Labels and guidance": the first of 4 was heard as asked 84% of the
-    time ranked by likelihood, 90% by evidence, 85% unranked).
+    """Write each clip's WAV into `folder`, best first (sashimi/ranking.py: the most label
+    evidence when there is some, else the fewest bits per sample), named by its seed, its labels
+    and `name`.
 
     Args:
         audio: (clips, L) float samples; clip i was seeded seed + i and asked for labels[i].
@@ -187,11 +184,8 @@ def write_ranked(
     Returns: the files, the ranking table {"headers", "data"}, and one result per clip for the
         page ({"wav", "label", "marker", "rank"}), all best first.
     """
-    order = np.argsort(bits, kind="stable")
-    if evidence is not None:
-        order = order[np.argsort(-evidence[order], kind="stable")]  # ties: the likelier first
     files, rows, results = [], [], []
-    for rank, row in enumerate(order, start=1):
+    for rank, row in enumerate(best_first(bits, evidence), start=1):
         clip_seed = seed + int(row)  # the engine seeds clip i of a batch with seed + i
         slug = labels_slug(labels[row])
         stem = f"sashimi_seed{clip_seed}{'_' * bool(slug)}{slug}_{name}"

@@ -63,6 +63,13 @@ def test_writes_n_wavs_at_the_model_rate_with_pictures(tiny_checkpoint, tmp_path
         clips.append(sf.read(out / f"{name}.wav")[0])
         assert (out / f"{name}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert all(np.abs(c).max() > 0 for c in clips) and not np.array_equal(clips[0], clips[1])
+    # scored while sampled (two batches): the likelihood of each clip, and the files likeliest first
+    bits = Generator.from_checkpoint(tiny_checkpoint, device="cpu").log_likelihood(
+        np.array(clips, dtype=np.float32)
+    )
+    np.testing.assert_allclose(summary["bits_per_sample"], bits, atol=1e-3)  # 16-bit files
+    assert summary["label_evidence"] is None
+    assert summary["best_first"] == [summary["files"][i] for i in np.argsort(bits)]
 
 
 def test_a_clip_is_drawn_again_from_the_seed_in_its_name(tiny_checkpoint, tmp_path, capsys):
@@ -145,8 +152,15 @@ def test_labels_are_asked_for_and_carried_in_the_file_names(
     )
     for name, clip in zip(summary["files"], expected, strict=True):
         np.testing.assert_allclose(sf.read(name)[0], clip, atol=1 / 2**15)  # 16-bit rounding
+    # guided: ranked by what the asked labels explain, as the web UI ranks
+    asked = generator.log_likelihood(expected, {"digit": "7", "speaker": "bob"})
+    evidence = generator.log_likelihood(expected) - asked
+    np.testing.assert_allclose(summary["bits_per_sample"], asked, atol=1e-4)  # 4 decimals
+    np.testing.assert_allclose(summary["label_evidence"], evidence, atol=1e-4)
+    assert summary["best_first"] == [summary["files"][i] for i in np.argsort(-evidence)]
     unlabelled = render(capsys, *common, "--num", 1, "--out", tmp_path / "any")
     assert unlabelled["guidance"] == {"weight": 1.0} and unlabelled["labels"] == {}
+    assert unlabelled["label_evidence"] is None and len(unlabelled["bits_per_sample"]) == 1
 
 
 @pytest.mark.parametrize(
