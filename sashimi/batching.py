@@ -188,11 +188,10 @@ class Batcher:
         """Set each waiting ticket's `bits`: the bits per sample of each of its clips under its
         labels, prompt included, as Generator.log_likelihood scores them; and for a guided
         request that asks for labels its `evidence`, per new sample (sashimi/ranking.py; 0 for a
-        clip that asks for nothing). The new samples
-        were scored while drawn (log_probs (1 or 2, clips): natural logs summed over each
-        request's samples, under the labels and when guided every field unknown; a second pass
-        over 8 clips cost 4 times one on the project's 2-core VM); a prompt, read before them,
-        is scored here."""
+        clip that asks for nothing). The new samples were scored while drawn (log_probs (1 or 2,
+        clips): natural logs summed over each request's samples, under the labels and when
+        guided every field unknown; a second pass over 8 clips cost 4 times one on the project's
+        2-core VM); a prompt, read before them, is scored here."""
         first_row = 0
         for ticket in batch:
             rows = slice(first_row, first_row + ticket.request.clips)
