@@ -56,6 +56,7 @@ from sashimi.checkpoint import DEFAULT_CHECKPOINT  # noqa: E402
 from sashimi.cli import Parser, add_device_argument  # noqa: E402
 from sashimi.generate import Generator, resolve_device  # noqa: E402
 from sashimi.guidance import DEFAULT_GUIDANCE, Guidance  # noqa: E402
+from sashimi.ranking import bits_and_evidence  # noqa: E402
 
 FSDD = REPO.parent / "shared" / "data" / "fsdd"
 CACHE = REPO / "benchmarks" / ".cache"
@@ -380,14 +381,16 @@ def generate(
     return np.concatenate(out), np.concatenate(log_probs, axis=1)
 
 
-def first_of(k: int, asked: np.ndarray, heard: np.ndarray, log_probs: np.ndarray) -> dict:
+def first_of(
+    k: int, asked: np.ndarray, heard: np.ndarray, bits: np.ndarray, evidence: np.ndarray
+) -> dict:
     """What a listener who asks for k clips of a digit hears first: the clips asked each digit,
     in seed order, in groups of k, and the share of groups whose first clip is heard as asked,
-    first by seed, by likelihood, and by label evidence. log_probs (2, num) as `generate`."""
-    rankings = {  # natural logs: the order is what counts
+    first by seed, by likelihood, and by label evidence (sashimi/ranking.py's figures)."""
+    rankings = {
         "unranked": np.zeros(len(asked)),
-        "likeliest": log_probs[0],
-        "most_label_evidence": log_probs[0] - log_probs[1],
+        "likeliest": -bits,
+        "most_label_evidence": evidence,
     }
     groups = []
     for digit in np.unique(asked):
@@ -401,21 +404,12 @@ def first_of(k: int, asked: np.ndarray, heard: np.ndarray, log_probs: np.ndarray
     return row
 
 
-def likelihood_pruned(
-    generator: Generator, audio: np.ndarray, labels: list[dict] | None, batch: int
-) -> tuple[np.ndarray, np.ndarray]:
-    """Bits per sample of each clip, and the indices kept by the paper's pruning: the 40% least
-    likely and the 5% most likely clips dropped."""
-    conditioning = {}
-    bits = []
-    for first in range(0, len(audio), batch):
-        if labels is not None:
-            conditioning = {"labels": labels[first : first + batch]}
-        bits.append(generator.log_likelihood(audio[first : first + batch], **conditioning))
-    bits = np.concatenate(bits)
+def likelihood_pruned(bits: np.ndarray) -> np.ndarray:
+    """The indices kept by the paper's pruning of clips with these bits per sample: the 40% least
+    likely and the 5% most likely dropped."""
     order = np.argsort(bits)  # most likely (fewest bits) first
     n = len(bits)
-    return bits, order[math.floor(PRUNE_MOST_LIKELY * n) : n - math.floor(PRUNE_LEAST_LIKELY * n)]
+    return order[math.floor(PRUNE_MOST_LIKELY * n) : n - math.floor(PRUNE_LEAST_LIKELY * n)]
 
 
 def to_classifier_rate(audio: np.ndarray, sample_rate: int) -> np.ndarray:
@@ -565,19 +559,19 @@ def checkpoint_rows(
         clips = to_classifier_rate(audio, generator.sample_rate)
         log_probs, embeddings = classify(classifier, clips)
         row |= score(log_probs, embeddings, clips, real, p_star, asked)
-        if args.first_of and asked is not None and guidance.guided:
+        # scored while sampling: the bits log_likelihood would give, without a second pass
+        bits, evidence = bits_and_evidence(sampled_log_probs, audio.shape[1])
+        if args.first_of and asked is not None and evidence is not None:
             heard = log_probs.argmax(1).numpy()
-            row["first_of"] = first_of(args.first_of, asked, heard, sampled_log_probs)
+            row["first_of"] = first_of(args.first_of, asked, heard, bits, evidence)
         if args.prune:
-            start = time.perf_counter()
-            bits, kept = likelihood_pruned(generator, audio, labels, args.batch_size)
+            kept = likelihood_pruned(bits)
             row["bits_per_sample_mean"] = round(float(bits.mean()), 3)
             row["pruned"] = {
                 "kept_bits_per_sample": [
                     round(float(bits[kept].min()), 3),
                     round(float(bits[kept].max()), 3),
-                ],
-                "likelihood_seconds": round(time.perf_counter() - start, 1),
+                ]
             }
             row["pruned"] |= score(
                 log_probs[kept],
