@@ -23,7 +23,9 @@ from sashimi.checkpoint import (
     load_checkpoint,
     recover_folder,
     replace_folder,
+    save_checkpoint,
 )
+from sashimi.labels import UNKNOWN
 from train.__main__ import build_parser, main, resolve
 from train.config import TrainConfig
 from train.distributed import weights_sha1
@@ -387,6 +389,43 @@ def test_init_starts_from_a_checkpoint_and_keeps_its_architecture(
         main([*args, "--d-model", "8"])
     assert exit_.value.code == 2
     assert "--init takes the model from" in capsys.readouterr().err
+
+
+def test_init_carries_label_weights_by_value_not_by_count(
+    labelled_folder, tmp_path, capsys, caplog
+):
+    """Starting from a labelled checkpoint whose vocabulary counts other files (more of one value,
+    a value this folder lacks) keeps what it learnt of every value both hold; a value it never
+    heard starts fresh and is named. (Counts once decided it: the labels silently started over.)"""
+    import dataclasses
+
+    torch.manual_seed(3)
+    labels = {"class": {"high": 40, "mid": 2}}  # this folder: high 4, low 4
+    config = dataclasses.replace(SaShiMiConfig.preset("tiny"), sample_rate=8000, labels=labels)
+    source = SaShiMi(config)
+    with torch.no_grad():
+        for projection in source.center.label_projections:
+            projection.weight.normal_(0, 0.5)
+    save_checkpoint(tmp_path / "source", source, {"step": 0})
+    run = tmp_path / "run"
+    args = ["--data", str(labelled_folder), "--out", str(run), "--init", str(tmp_path / "source")]
+    args += "--labels folder --seq-len 256 --batch-size 2 --steps 1 --lr 1e-12 --device cpu".split()
+    with caplog.at_level(logging.WARNING, logger="train.loop"):
+        assert main([*args, "--num-samples", "0"]) == 0
+    capsys.readouterr()
+    trained, _ = load_checkpoint(run / "last")
+    assert list(trained.config.labels["class"]) == ["high", "low"]
+    old_rows, rows = source.label_embeddings[0].weight, trained.label_embeddings[0].weight
+    close = dict(rtol=0, atol=1e-9)
+    torch.testing.assert_close(rows[UNKNOWN], old_rows[UNKNOWN], **close)
+    torch.testing.assert_close(rows[1], old_rows[1], **close)  # high is 1 in both
+    assert not torch.allclose(rows[2], old_rows[2])  # low (2 here) is not mid (2 there)
+    for new, old in zip(
+        trained.center.label_projections, source.center.label_projections, strict=True
+    ):
+        torch.testing.assert_close(new.weight, old.weight, **close)
+    fresh = [r.getMessage() for r in caplog.records if "never heard" in r.getMessage()]
+    assert len(fresh) == 1 and "class=low" in fresh[0]
 
 
 def test_score_padding_scores_the_silence_after_each_file(labelled_folder, tmp_path, capsys):

@@ -188,8 +188,8 @@ def add_training_flags(loop) -> None:
         "--init",
         "DIR",
         str,
-        "start from the weights of this checkpoint (its architecture; new label weights start "
-        "at zero)",
+        "start from the weights of this checkpoint (its architecture); label weights carry "
+        "over for the values both vocabularies hold, new fields start at zero",
     )
     add_device_argument(
         loop, help="where to run: auto picks CUDA when present, else the CPU (default: auto)"

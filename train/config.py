@@ -25,7 +25,7 @@ class TrainConfig:
     labels: str | None = None  # "folder" or a regex with named groups (sashimi/labels.py)
     label_dropout: float = 0.15  # each field of each window is made unknown with this probability
     score_padding: bool = False  # score the silence after a clip's end: the model learns to stop
-    init: str | None = None  # checkpoint to start from (same architecture; new label weights at 0)
+    init: str | None = None  # checkpoint to start from (same architecture; labels by value)
     recompute_activations: bool = False  # SaShiMi.recompute_activations: less memory, more time
     steps: int = 20_000
     batch_size: int = 16  # windows per step and process

@@ -42,7 +42,7 @@ from sashimi.checkpoint import (
 from sashimi.config import SaShiMiConfig
 from sashimi.data import make_batch, take_windows
 from sashimi.evaluate import evaluate_bits
-from sashimi.labels import drop_labels, label_tensor
+from sashimi.labels import UNKNOWN, drop_labels, label_indices, label_tensor
 from sashimi.model import IGNORE_INDEX, SaShiMi, is_label_parameter, nll_bits
 
 from .config import TrainConfig
@@ -106,15 +106,12 @@ def make_optimizer(model: SaShiMi, cfg: TrainConfig) -> torch.optim.AdamW:
 
 def start_from(model: SaShiMi, directory: str) -> None:
     """Copy the weights of the checkpoint in `directory` into `model` (--init). The architecture
-    must be the same; label weights are copied only when the vocabularies are the same, and
-    otherwise keep their initial values (the projections start at zero)."""
+    must be the same; label weights carry over as carried_label_weights says."""
     source, _ = load_checkpoint(directory)
-    same_labels = source.config.labels == model.config.labels
     weights = {
-        name: tensor
-        for name, tensor in source.state_dict().items()
-        if same_labels or not is_label_parameter(name)
+        name: tensor for name, tensor in source.state_dict().items() if not is_label_parameter(name)
     }
+    weights |= carried_label_weights(source, model, directory)
     try:
         missing, unexpected = model.load_state_dict(weights, strict=False)
     except RuntimeError as error:
@@ -127,6 +124,50 @@ def start_from(model: SaShiMi, directory: str) -> None:
             f"--init {directory} is another architecture: missing {missing[:5]}, "
             f"unexpected {unexpected[:5]}"
         )
+
+
+def carried_label_weights(source: SaShiMi, model: SaShiMi, directory: str) -> dict:
+    """The label weights of `source` for `model`, by value, not by count: with the same fields,
+    the projections and the embedding row of "unknown" and of every value both vocabularies hold
+    (a value new to `model` keeps its fresh row, and is reported). With other fields, none: the
+    labels start over (projections at zero), and that is reported too."""
+    old, new = source.config.labels, model.config.labels
+    if list(old) != list(new):
+        if old and new:
+            log.warning(
+                "--init %s was trained on the label fields %s, this run has %s: its label "
+                "weights are not used, the labels are learnt from the start",
+                directory,
+                list(old),
+                list(new),
+            )
+        return {}
+    weights = {
+        name: tensor
+        for name, tensor in source.state_dict().items()
+        if is_label_parameter(name) and not name.startswith("label_embeddings.")
+    }
+    for f, (field_name, values) in enumerate(new.items()):
+        rows = model.label_embeddings[f].weight.detach().clone()
+        old_rows = source.label_embeddings[f].weight.detach()
+        rows[UNKNOWN] = old_rows[UNKNOWN]
+        for value in values.keys() & old[field_name].keys():
+            (i,), (j,) = (
+                label_indices({field_name: v}, {field_name: value})
+                for v in (values, old[field_name])
+            )
+            rows[i] = old_rows[j]
+        weights[f"label_embeddings.{f}.weight"] = rows
+        fresh = [value for value in values if value not in old[field_name]]
+        if fresh:
+            log.warning(
+                "--init %s never heard %s=%s: %s learnt from the start",
+                directory,
+                field_name,
+                ", ".join(fresh[:5]) + (", ..." if len(fresh) > 5 else ""),
+                "it is" if len(fresh) == 1 else f"these {len(fresh)} values are",
+            )
+    return weights
 
 
 @dataclass(frozen=True)
