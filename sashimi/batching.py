@@ -199,9 +199,9 @@ class Batcher:
             if ticket.cancelled:
                 continue
             request = ticket.request
-            bits, evidence = bits_and_evidence(log_probs[:, rows], request.num_samples)
-            if any(request.labels or []):
-                ticket.evidence = evidence
+            bits, ticket.evidence = bits_and_evidence(
+                log_probs[:, rows], request.num_samples, asked=any(request.labels or [])
+            )
             if request.prompt is not None:  # a request with a prompt is alone in its batch
                 length = request.num_samples + len(request.prompt)
                 bits = (bits * request.num_samples + self._prompt_bits(request)) / length

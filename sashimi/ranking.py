@@ -16,14 +16,15 @@ import numpy as np
 
 
 def bits_and_evidence(
-    log_probs: np.ndarray, num_samples: int
+    log_probs: np.ndarray, num_samples: int, asked: bool = True
 ) -> tuple[np.ndarray, np.ndarray | None]:
     """log_probs (1 or 2, clips): each clip's natural log-probabilities summed over its
     num_samples new samples, under its labels and, when guided, under every field unknown.
-    Returns its bits per sample (clips,) and, when guided, its label evidence (clips,) in bits
-    per sample, else None."""
+    Returns its bits per sample (clips,) and, when guided and labels were `asked` for, its label
+    evidence (clips,) in bits per sample, else None (a clip that asks for nothing is read alike
+    by both streams, sampled together with guided ones: nothing asked, nothing explained)."""
     bits = -log_probs[0] / math.log(2) / num_samples
-    if len(log_probs) == 1:
+    if len(log_probs) == 1 or not asked:
         return bits, None
     return bits, (log_probs[0] - log_probs[1]) / math.log(2) / num_samples
 

@@ -257,9 +257,7 @@ def main(argv: list[str] | None = None) -> int:
     files, pictures, generating, log_probs = render_clips(
         args, generator, prompt, num_samples, labels, sampling
     )
-    bits, evidence = bits_and_evidence(log_probs, num_samples)
-    if not labels:
-        evidence = None  # both streams read the clip alike: nothing asked, nothing explained
+    bits, evidence = bits_and_evidence(log_probs, num_samples, asked=bool(labels))
     sample_rate = generator.sample_rate
     generated = args.num * num_samples / sample_rate  # seconds of new audio, all clips
     summary = {

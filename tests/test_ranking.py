@@ -15,6 +15,7 @@ def test_bits_and_evidence_are_per_sample_in_bits():
     bits, evidence = bits_and_evidence(log_probs[:1], num_samples=2)  # not guided
     np.testing.assert_allclose(bits, [1.0, 4.0])
     assert evidence is None
+    assert bits_and_evidence(log_probs, num_samples=4, asked=False)[1] is None  # nothing asked
 
 
 def test_the_most_evidence_first_ties_to_the_likelier_and_else_the_fewest_bits():

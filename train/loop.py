@@ -152,10 +152,7 @@ def carried_label_weights(source: SaShiMi, model: SaShiMi, directory: str) -> di
         old_rows = source.label_embeddings[f].weight.detach()
         rows[UNKNOWN] = old_rows[UNKNOWN]
         for value in values.keys() & old[field_name].keys():
-            (i,), (j,) = (
-                label_indices({field_name: v}, {field_name: value})
-                for v in (values, old[field_name])
-            )
+            i, j = (label_indices(labels, {field_name: value})[f] for labels in (new, old))
             rows[i] = old_rows[j]
         weights[f"label_embeddings.{f}.weight"] = rows
         fresh = [value for value in values if value not in old[field_name]]
